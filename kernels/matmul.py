@@ -1,0 +1,544 @@
+"""Fused linear layer: ``y = act(x @ weight.T + bias) + residual`` in one Triton kernel.
+
+Every dense layer of a BERT-family encoder (QKV projection, attention output, both FFN layers,
+pooler, classifier) is this one kernel, so the bias, the activation and the residual add are
+applied to the fp32 accumulator in registers and the result is written to memory once.
+
+>>> import torch
+>>> from optimum_disc.kernels.matmul import linear, linear_reference, TOLERANCES
+>>> x, w, b = torch.randn(7, 40), torch.randn(24, 40) / 40**0.5, torch.randn(24)
+>>> y = linear(x, w, b, activation="gelu")
+>>> torch.testing.assert_close(y, linear_reference(x, w, b, activation="gelu"),
+...                            atol=TOLERANCES[y.dtype][0], rtol=TOLERANCES[y.dtype][1])
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from . import interpreted
+
+ACTIVATIONS = (None, "gelu", "gelu_tanh", "tanh", "relu")
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_ACTIVATION_IDS = {name: i for i, name in enumerate(ACTIVATIONS)}
+
+# Output-dtype tolerances (atol, rtol) for `linear` against `linear_reference`, for O(1) outputs
+# (unit-variance x, weight scaled by 1/sqrt(K) as nn.Linear and trained BERT weights are).
+# - float32: both sides accumulate exactly the same fp32 products but in a different order; the
+#   difference grows like sqrt(K) * 2**-24 * |partial sums|, about 1e-6 at K = 4096, so 1e-5
+#   relative with a 3e-5 floor for outputs near zero leaves a margin and still fails TF32 (errors
+#   around 3e-4), which is the mistake this tolerance is there to catch.
+# - float16 / bfloat16: the products of 16-bit inputs are exact in fp32 and the accumulation
+#   differs by ~1e-6 as above, so the single rounding of the output dominates: kernel and
+#   reference can land one ulp apart when their fp32 values straddle a rounding boundary.
+#   One ulp is at most 2**-10 (fp16) and 2**-7 (bf16) relative; rtol allows two ulps, and atol
+#   covers the fp32 difference on outputs near zero, where ulps are tiny.
+TOLERANCES = {
+    torch.float32: (3e-5, 1e-5),
+    torch.float16: (1e-4, 2e-3),
+    torch.bfloat16: (1e-4, 1.6e-2),
+}
+
+# Hopper allows 227 KiB of shared memory per block; heuristics stay well under it because the
+# epilogue's layout conversion needs scratch space on top of the pipelined operand buffers.
+_SMEM_BUDGET = 200 * 1024
+# H100 SXM. Only used to prefer smaller tiles when large ones would leave SMs idle.
+_SM_COUNT = 132
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Tile sizes and launch options of one `linear` launch.
+
+    >>> cfg = GemmConfig(block_m=64, block_n=64, block_k=32, group_m=8, num_warps=4, num_stages=3)
+    >>> GemmConfig.from_dict(cfg.to_dict()) == cfg
+    True
+    """
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n", "block_k"):
+            v = getattr(self, name)
+            # tl.dot needs every dimension to be a power of two of at least 16.
+            if not isinstance(v, int) or v < 16 or v & (v - 1):
+                raise ValueError(f"GemmConfig.{name}={v!r}: use a power of two >= 16")
+        if not isinstance(self.num_warps, int) or self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"GemmConfig.num_warps={self.num_warps!r}: use 1, 2, 4, 8 or 16")
+        for name in ("group_m", "num_stages"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"GemmConfig.{name}={v!r}: use an integer >= 1")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GemmConfig:
+        names = [f.name for f in fields(cls)]
+        missing = [n for n in names if n not in d]
+        unknown = [k for k in d if k not in names]
+        if missing or unknown:
+            raise ValueError(
+                f"GemmConfig.from_dict({d!r}): missing keys {missing}, unknown keys {unknown}; "
+                f"expected exactly {names}"
+            )
+        return cls(**{n: int(d[n]) for n in names})
+
+    def smem_bytes(self, dtype: torch.dtype) -> int:
+        """Shared memory of the pipelined operand buffers, the part that grows with the tiles."""
+        size = torch.empty((), dtype=dtype).element_size()
+        return self.num_stages * (self.block_m + self.block_n) * self.block_k * size
+
+
+@triton.jit
+def _tanh(x):
+    # Written with exp because libdevice's tanh does not exist on the CPU interpreter; exp(-2|x|)
+    # never overflows, and the absolute error near zero (~1e-7) is below every tolerance.
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x >= 0, t, -t)
+
+
+@triton.jit
+def _linear_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    r_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_rm,
+    stride_ym,
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # Programs walk the output in column-major super-blocks of GROUP_M row tiles, so the weight
+    # tiles a wave of programs reads are shared through L2 instead of streamed once per row.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # Out-of-range rows and columns wrap onto valid ones, so the main loop loads need no M/N
+    # mask; the duplicates are dropped by the masked store. Row offsets are 64-bit because
+    # M * row stride passes 2**31 for large token counts of wide (e.g. QKV) buffers.
+    rows = (offs_m % M).to(tl.int64)
+    cols = (offs_n % N).to(tl.int64)
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :]
+    # The weight is read as its transpose [BLOCK_K, BLOCK_N] straight from the [N, K] layout;
+    # the compiler picks the K-contiguous shared-memory layout that the MMA accepts.
+    w_ptrs = w_ptr + offs_k[:, None] + cols[None, :] * stride_wn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kk in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(x_ptrs)
+            b = tl.load(w_ptrs)
+        else:
+            k_left = K - kk * BLOCK_K
+            a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        if UPCAST:
+            # The interpreter multiplies bf16 as raw uint16; upcasting is exact, so the result
+            # is what a bf16 tensor core with fp32 accumulation gives.
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if IEEE:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    if ACTIVATION == 1:  # gelu, exact erf form as torch's approximate="none"
+        acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
+    elif ACTIVATION == 2:  # gelu_tanh, torch's approximate="tanh"
+        inner = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
+        acc = 0.5 * acc * (1.0 + _tanh(inner))
+    elif ACTIVATION == 3:
+        acc = _tanh(acc)
+    elif ACTIVATION == 4:
+        acc = tl.maximum(acc, 0.0)
+
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    offs_m64 = offs_m.to(tl.int64)
+    if HAS_RESIDUAL:
+        r_ptrs = r_ptr + offs_m64[:, None] * stride_rm + offs_n[None, :]
+        acc += tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
+    y_ptrs = y_ptr + offs_m64[:, None] * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _check_matrix(name: str, t: torch.Tensor, shape: tuple[int, int] | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+    if shape is not None and tuple(t.shape) != shape:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {shape}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{name} has dtype {t.dtype}; use one of {_FLOAT_DTYPES}")
+    if t.shape[1] > 1 and t.stride(1) != 1:
+        raise ValueError(
+            f"{name} has strides {t.stride()}; the last dimension must have stride 1 "
+            f"(call .contiguous() first)"
+        )
+
+
+def _validate(x, weight, bias, activation, residual, out):
+    _check_matrix("x", x)
+    m, k = x.shape
+    _check_matrix("weight", weight)
+    n = weight.shape[0]
+    if weight.shape[1] != k:
+        raise ValueError(
+            f"weight has shape {tuple(weight.shape)} but x has shape {tuple(x.shape)}: "
+            f"weight must be [N, K={k}] (nn.Linear layout, not transposed)"
+        )
+    if weight.dtype != x.dtype:
+        raise ValueError(f"weight has dtype {weight.dtype} but x has {x.dtype}; cast one of them")
+    if n == 0 or k == 0:
+        raise ValueError(f"N={n} and K={k} must both be positive")
+    if activation not in _ACTIVATION_IDS:
+        raise ValueError(f"activation={activation!r} is not supported; use one of {ACTIVATIONS}")
+    tensors = {"x": x, "weight": weight}
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n,):
+            got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+            raise ValueError(f"bias has shape {got}, expected ({n},)")
+        if bias.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"bias has dtype {bias.dtype}; use one of {_FLOAT_DTYPES}")
+        if n > 1 and bias.stride(0) != 1:
+            raise ValueError(f"bias has stride {bias.stride()}; call .contiguous() first")
+        tensors["bias"] = bias
+    if residual is not None:
+        _check_matrix("residual", residual, (m, n))
+        tensors["residual"] = residual
+    if out is not None:
+        _check_matrix("out", out, (m, n))
+        tensors["out"] = out
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"all tensors must be on one device, got {devices}")
+    return m, n, k
+
+
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    activation: str | None = None,
+    residual: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    config: GemmConfig | None = None,
+) -> torch.Tensor:
+    """y = act(x @ weight.T + bias) + residual, accumulated in fp32, cast once to the output dtype.
+
+    x is [M, K] with unit last stride (a column slice of a wider buffer is fine); weight is
+    [N, K] as in nn.Linear, same dtype as x; bias is [N] in any float dtype; residual and out are
+    [M, N] with unit last stride. The output dtype is out's, or x's when out is None. out may be
+    residual itself (in-place residual add) but must not overlap x or weight. fp32 inputs are
+    multiplied in true fp32 (never TF32); fp16/bf16 use tensor cores with fp32 accumulation.
+
+    >>> import torch
+    >>> x = torch.randn(5, 32)
+    >>> w = torch.randn(16, 32)
+    >>> y = linear(x, w, torch.zeros(16), activation="relu", residual=torch.ones(5, 16))
+    >>> y.shape, bool((y >= 1).all())
+    (torch.Size([5, 16]), True)
+    """
+    m, n, k = _validate(x, weight, bias, activation, residual, out)
+    if out is None:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    if config is None:
+        config = default_config(m, n, k, x.dtype)
+    upcast = x.dtype == torch.bfloat16 and interpreted()
+    grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),)
+    _linear_kernel[grid](
+        x,
+        weight,
+        bias if bias is not None else x,  # never read: HAS_BIAS is False
+        residual if residual is not None else x,  # never read: HAS_RESIDUAL is False
+        out,
+        m,
+        n,
+        k,
+        x.stride(0),
+        weight.stride(0),
+        residual.stride(0) if residual is not None else 0,
+        out.stride(0),
+        HAS_BIAS=bias is not None,
+        HAS_RESIDUAL=residual is not None,
+        ACTIVATION=_ACTIVATION_IDS[activation],
+        IEEE=x.dtype == torch.float32 or upcast,
+        UPCAST=upcast,
+        EVEN_K=k % config.block_k == 0,
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k,
+        GROUP_M=config.group_m,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    return out
+
+
+def linear_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    activation: str | None = None,
+    residual: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Plain-PyTorch `linear`: fp32 math on upcast inputs, cast once to out_dtype (default x's).
+
+    On a GPU the fp32 matmul follows torch's global precision setting: leave TF32 off
+    (torch's default) when comparing with `linear`.
+
+    >>> import torch
+    >>> linear_reference(torch.ones(2, 3), torch.ones(4, 3), activation="tanh").shape
+    torch.Size([2, 4])
+    """
+    if activation not in _ACTIVATION_IDS:
+        raise ValueError(f"activation={activation!r} is not supported; use one of {ACTIVATIONS}")
+    y = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    if activation == "gelu":
+        y = F.gelu(y, approximate="none")
+    elif activation == "gelu_tanh":
+        y = F.gelu(y, approximate="tanh")
+    elif activation == "tanh":
+        y = torch.tanh(y)
+    elif activation == "relu":
+        y = torch.relu(y)
+    if residual is not None:
+        y = y + residual.float()
+    return y.to(out_dtype or x.dtype)
+
+
+def m_bucket(m: int) -> int:
+    """Shape bucket of the token count M, the key under which tuned configs are stored.
+
+    The next power of two of m, at least 16 (the smallest tile, below which every M runs the
+    same config) and at most 65536 (BERT's largest batch x sequence; beyond it the best tiles
+    no longer change).
+
+    >>> [m_bucket(m) for m in (0, 1, 16, 17, 1000, 10**6)]
+    [16, 16, 16, 32, 1024, 65536]
+    """
+    if m < 0:
+        raise ValueError(f"m={m} must be >= 0")
+    return min(max(16, triton.next_power_of_2(m)), 65536)
+
+
+def _clamp(cfg: tuple[int, int, int, int, int], bucket: int, n: int, k: int) -> GemmConfig:
+    # Tiles wider than the problem only add masked work, so each side is cut to the problem's
+    # next power of two (at least 16, tl.dot's minimum).
+    bm, bn, bk, warps, stages = cfg
+    return GemmConfig(
+        block_m=min(bm, bucket),
+        block_n=min(bn, max(16, triton.next_power_of_2(n))),
+        block_k=min(bk, max(16, triton.next_power_of_2(k))),
+        group_m=8,
+        num_warps=warps,
+        num_stages=stages,
+    )
+
+
+# (block_m, block_n, block_k, num_warps, num_stages). Small M is bound by reading the weight
+# once, so block_m covers all of M and narrow block_n spreads the weight over more SMs; large M
+# is compute-bound, so the largest tiles that still give at least one full wave of programs win.
+_DEFAULT_SMALL = {
+    # m_bucket: fp16/bf16, fp32
+    16: ((16, 32, 128, 4, 4), (16, 32, 64, 4, 3)),
+    32: ((32, 32, 128, 4, 4), (32, 32, 64, 4, 3)),
+    64: ((64, 32, 128, 4, 4), (64, 32, 64, 4, 3)),
+}
+_DEFAULT_LARGE = {
+    # fp16/bf16 use wgmma tiles; fp32 ("ieee") runs on FMA units, where smaller K slices keep
+    # the operand registers and the 4-byte shared-memory buffers in check.
+    "16bit": ((128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)),
+    "fp32": ((128, 128, 32, 8, 3), (64, 128, 32, 4, 3), (64, 64, 32, 4, 3)),
+}
+
+
+@functools.lru_cache(maxsize=4096)
+def _default_config(m: int, n: int, k: int, dtype: torch.dtype, interp: bool) -> GemmConfig:
+    if interp:
+        # The interpreter runs one numpy program per tile: small tiles keep the CPU tests fast
+        # while still exercising several programs, the group ordering and every edge mask.
+        return _clamp((16 if m <= 16 else 32, 32, 32, 4, 1), m_bucket(m), n, k)
+    bucket = m_bucket(m)
+    fp32 = dtype == torch.float32
+    if bucket in _DEFAULT_SMALL:
+        return _clamp(_DEFAULT_SMALL[bucket][fp32], bucket, n, k)
+    ladder = _DEFAULT_LARGE["fp32" if fp32 else "16bit"]
+    for cfg in map(functools.partial(_clamp, bucket=bucket, n=n, k=k), ladder):
+        if triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n) >= _SM_COUNT:
+            return cfg
+    return _clamp(ladder[-1], bucket, n, k)
+
+
+def default_config(m: int, n: int, k: int, dtype: torch.dtype) -> GemmConfig:
+    """Heuristic config for an [m, k] x [n, k] product, tuned by hand for H100 and BERT shapes.
+
+    >>> import torch
+    >>> default_config(4096, 3072, 768, torch.float16).block_m >= 16
+    True
+    """
+    if dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"dtype={dtype} is not supported; use one of {_FLOAT_DTYPES}")
+    return _default_config(m, n, k, dtype, interpreted())
+
+
+_CANDIDATES = {
+    # (block_m, block_n, block_k, num_warps, num_stages), per dtype class and M regime.
+    ("16bit", "small"): (
+        (16, 32, 128, 4, 4),
+        (16, 64, 128, 4, 4),
+        (16, 32, 256, 4, 3),
+        (16, 64, 64, 4, 4),
+        (16, 128, 64, 4, 4),
+        (32, 32, 128, 4, 4),
+        (32, 64, 128, 4, 4),
+        (32, 64, 64, 4, 4),
+        (64, 32, 128, 4, 4),
+        (64, 64, 64, 4, 4),
+        (64, 64, 128, 4, 3),
+        (64, 128, 64, 4, 4),
+    ),
+    ("16bit", "large"): (
+        (128, 256, 64, 8, 3),
+        (256, 128, 64, 8, 3),
+        (128, 128, 64, 8, 4),
+        (128, 128, 64, 8, 3),
+        (128, 128, 64, 4, 4),
+        (128, 128, 128, 8, 3),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (64, 128, 128, 4, 3),
+        (64, 64, 64, 4, 4),
+        (64, 64, 128, 4, 3),
+        (32, 64, 128, 4, 4),
+    ),
+    ("fp32", "small"): (
+        (16, 32, 64, 4, 3),
+        (16, 64, 32, 4, 3),
+        (16, 32, 128, 4, 2),
+        (16, 128, 32, 4, 3),
+        (32, 32, 64, 4, 3),
+        (32, 64, 32, 4, 3),
+        (64, 32, 64, 4, 3),
+        (64, 32, 32, 4, 3),
+        (64, 64, 32, 4, 3),
+        (64, 64, 16, 4, 4),
+    ),
+    ("fp32", "large"): (
+        (128, 128, 32, 8, 3),
+        (128, 128, 16, 8, 4),
+        (128, 128, 32, 4, 3),
+        (128, 64, 32, 4, 3),
+        (64, 128, 32, 4, 3),
+        (64, 128, 16, 4, 4),
+        (64, 64, 32, 4, 3),
+        (64, 64, 16, 4, 4),
+        (32, 64, 32, 4, 3),
+        (128, 256, 16, 8, 3),
+    ),
+}
+
+
+def candidate_configs(m: int, n: int, k: int, dtype: torch.dtype) -> list[GemmConfig]:
+    """Configs worth timing on Hopper for this shape and dtype; the default comes first.
+
+    >>> import torch
+    >>> cands = candidate_configs(4096, 768, 768, torch.bfloat16)
+    >>> default_config(4096, 768, 768, torch.bfloat16) == cands[0], len(cands) <= 16
+    (True, True)
+    """
+    default = default_config(m, n, k, dtype)
+    bucket = m_bucket(m)
+    key = ("fp32" if dtype == torch.float32 else "16bit", "small" if bucket <= 256 else "large")
+    found = [default]
+    for cfg in _CANDIDATES[key]:
+        c = _clamp(cfg, bucket, n, k)
+        if c not in found and c.smem_bytes(dtype) <= _SMEM_BUDGET:
+            found.append(c)
+    return found
+
+
+def tune(m: int, n: int, k: int, dtype: torch.dtype, device) -> GemmConfig:
+    """Fastest of `candidate_configs` for this shape, timed with do_bench on random inputs.
+
+    Times a plain product of [m_bucket(m), k] x [n, k]: the epilogue costs the same for every
+    tile shape. Configs that do not compile (e.g. out of shared memory) are skipped. On the CPU
+    interpreter nothing is timed and the default is returned.
+
+    >>> import torch
+    >>> cfg = tune(8, 16, 32, torch.float32, "cpu")
+    """
+    if interpreted() or torch.device(device).type != "cuda":
+        return default_config(m, n, k, dtype)
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources
+    from triton.testing import do_bench
+
+    mb = m_bucket(m)
+    x = torch.randn((mb, k), device=device).to(dtype)
+    w = (torch.randn((n, k), device=device) / k**0.5).to(dtype)
+    y = torch.empty((mb, n), device=device, dtype=dtype)
+    best, best_ms, errors = None, float("inf"), []
+    for cfg in candidate_configs(m, n, k, dtype):
+        try:
+            linear(x, w, out=y, config=cfg)
+            ms = do_bench(lambda cfg=cfg: linear(x, w, out=y, config=cfg), return_mode="median")
+        except (OutOfResources, CompilationError, RuntimeError) as e:
+            errors.append(f"{cfg}: {type(e).__name__}")
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    if best is None:
+        raise RuntimeError(
+            f"no candidate config ran for m={m}, n={n}, k={k}, dtype={dtype} on {device}: {errors}"
+        )
+    return best

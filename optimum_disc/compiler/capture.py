@@ -1,0 +1,103 @@
+"""Capture: ``torch.export`` of a transformers encoder with symbolic batch and sequence sizes.
+
+On transformers 5 the graph of a BERT-family encoder is plain ATen (``linear``,
+``scaled_dot_product_attention``, ``layer_norm``, ``gelu``, ``embedding`` and pointwise ops), so
+the passes match at that level and need no per-model code.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+
+import torch
+
+from .graph import Graph
+
+INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def model_inputs(model: torch.nn.Module) -> list[str]:
+    """The inputs the compiled program takes, in the order of the model's forward."""
+    params = inspect.signature(model.forward).parameters
+    names = [n for n in INPUT_NAMES if n in params]
+    if "input_ids" not in names:
+        raise ValueError(
+            f"{type(model).__name__}.forward takes no input_ids; optimum-disc compiles encoders "
+            "that take token ids (BERT and its family)."
+        )
+    if "token_type_ids" in names and not getattr(model.config, "type_vocab_size", 0):
+        names.remove("token_type_ids")
+    return names
+
+
+def example_inputs(model: torch.nn.Module, names: list[str], batch: int = 3, seq: int = 11):
+    """Random inputs to trace with. Sizes other than 0 and 1 keep the dimensions symbolic."""
+    config = model.config
+    device = next(model.parameters()).device
+    seq = min(seq, config.max_position_embeddings)
+    inputs = {"input_ids": torch.randint(0, config.vocab_size, (batch, seq), device=device)}
+    if "attention_mask" in names:
+        mask = torch.ones(batch, seq, dtype=torch.long, device=device)
+        mask[0, seq // 2 :] = 0
+        inputs["attention_mask"] = mask
+    if "token_type_ids" in names:
+        inputs["token_type_ids"] = torch.randint(
+            0, config.type_vocab_size, (batch, seq), device=device
+        )
+    return inputs
+
+
+def capture(model: torch.nn.Module, inputs: dict[str, torch.Tensor] | None = None) -> Graph:
+    """Export ``model`` (in eval mode) with dynamic ``batch`` and ``seq`` dimensions."""
+    if model.training:
+        raise ValueError(
+            f"{type(model).__name__} is in training mode; call model.eval() before compiling "
+            "(dropout would otherwise be part of the function)."
+        )
+    names = model_inputs(model)
+    inputs = inputs or example_inputs(model, names)
+    max_seq = model.config.max_position_embeddings
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    seq = torch.export.Dim("seq", min=1, max=max_seq)
+    dynamic = {n: {0: batch, 1: seq} for n in names}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = model(**inputs, return_dict=True)
+        exported = torch.export.export(model, (), inputs, dynamic_shapes=dynamic, strict=False)
+        exported = exported.run_decompositions({})
+
+    gm = exported.graph_module
+    sig = exported.graph_signature
+    state = {**exported.state_dict, **exported.constants}
+    constants, fqns, user_inputs = {}, {}, []
+    for spec in sig.input_specs:
+        name = spec.arg.name
+        if spec.kind == torch.export.graph_signature.InputKind.USER_INPUT:
+            user_inputs.append(name)
+        else:
+            constants[name] = state[spec.target].detach()
+            fqns[name] = spec.target
+    fields = [k for k, v in reference.items() if v is not None]
+    outputs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    if len(outputs) != len(fields):
+        raise RuntimeError(
+            f"the exported graph returns {len(outputs)} values but the model's output has fields "
+            f"{fields}; this model is not supported yet."
+        )
+    cls = type(reference)
+    return Graph(
+        gm=gm,
+        constants=constants,
+        inputs=user_inputs,
+        fqns=fqns,
+        output_fields=fields,
+        output_class=f"{cls.__module__}.{cls.__qualname__}",
+        meta={
+            "model_class": type(model).__name__,
+            "model_type": getattr(model.config, "model_type", ""),
+            "vocab_size": model.config.vocab_size,
+            "max_position_embeddings": max_seq,
+            "type_vocab_size": getattr(model.config, "type_vocab_size", 0),
+        },
+    )

@@ -1,0 +1,426 @@
+"""The runtime: executes a ``Program`` for any batch size and sequence length.
+
+Per call: a bounded amount of host work (input checks with one device-to-host read of a few
+statistics, the row bookkeeping of the prologue), then the program's kernel calls, then the
+epilogue that returns outputs in the model's layout and in fp32. On a GPU, calls are replayed
+through CUDA graphs captured per shape bucket (the batch, the padded length and the number of
+real tokens are rounded up), kept in a bounded least-recently-used pool that shares one memory
+pool. Outputs handed to the caller are fresh tensors, never overwritten by a later call.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from collections import OrderedDict
+
+import torch
+
+from optimum_disc.settings import DiscSettings
+
+from .program import Program
+
+_OUTPUT_MODULE = "transformers.modeling_outputs."
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _bucket(n: int, floor: int) -> int:
+    """Round up to one of four steps per power of two (at most 25% padding), at least floor."""
+    if n <= floor:
+        return floor
+    p = 1 << (n - 1).bit_length() - 1
+    step = max(p // 4, 1)
+    return _round_up(n, step)
+
+
+class _Kernels:
+    """Launchers of the program's kernels, imported on first use (they import Triton)."""
+
+    def __init__(self):
+        from optimum_disc.kernels import attention, embedding, layernorm, matmul, pointwise
+
+        self.attention, self.embedding = attention, embedding
+        self.layernorm, self.matmul, self.pointwise = layernorm, matmul, pointwise
+
+
+class CompiledModel:
+    """A compiled encoder: call it like the original model.
+
+    Example:
+        >>> import torch, transformers
+        >>> from optimum_disc import optimize, DiscSettings
+        >>> cfg = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1,
+        ...     num_attention_heads=2, intermediate_size=37, max_position_embeddings=64)
+        >>> model = transformers.BertForSequenceClassification(cfg).eval()
+        >>> compiled = optimize(model, DiscSettings(precision="fp32"))
+        >>> out = compiled(input_ids=torch.randint(0, 99, (2, 7)))
+        >>> out.logits.shape
+        torch.Size([2, 2])
+    """
+
+    def __init__(
+        self,
+        program: Program,
+        settings: DiscSettings,
+        device: str | torch.device | None = None,
+        coverage: dict | None = None,
+    ):
+        if not program.output_class.startswith(_OUTPUT_MODULE):
+            raise ValueError(
+                f"output class {program.output_class!r} is not one of transformers' model "
+                "outputs; the program is corrupt or not from optimum-disc: export again."
+            )
+        module, _, name = program.output_class.rpartition(".")
+        self._output_cls = getattr(importlib.import_module(module), name)
+        self.program = program
+        self.settings = settings
+        self.coverage = coverage or {}
+        self._kernels = None
+        self._lock = threading.Lock()
+        self._graphs: OrderedDict = OrderedDict()
+        self._pool = None
+        self.to(device or next(iter(program.weights.values())).device)
+
+    # -- the transformers-like surface ------------------------------------------------------
+
+    @property
+    def code(self) -> str:
+        return self.program.code()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.settings.compute_dtype
+
+    def to(self, device) -> CompiledModel:
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device
+        self._weights = {k: v.to(device) for k, v in self.program.weights.items()}
+        self.program.weights = self._weights
+        self._graphs.clear()
+        self._pool = None
+        return self
+
+    def __repr__(self) -> str:
+        return (
+            f"CompiledModel({self.program.meta.get('model_class', '?')}, "
+            f"precision={self.settings.precision}, calls={len(self.program.calls)}, "
+            f"device={self.device})"
+        )
+
+    # -- a call -----------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        return_dict=None,
+        **kwargs,
+    ):
+        for name in ("inputs_embeds", "head_mask", "labels", "start_positions", "end_positions"):
+            if kwargs.get(name) is not None:
+                raise ValueError(
+                    f"{name} is not supported by the compiled model; pass input_ids (and compute "
+                    "losses from the returned logits)."
+                )
+        for name in ("output_attentions", "output_hidden_states"):
+            if kwargs.get(name):
+                raise ValueError(f"{name}=True is not supported by the compiled model.")
+        if position_ids is not None:
+            raise ValueError(
+                "position_ids is not supported by the compiled model; it uses positions "
+                "0..seq_len-1 like the original model does when position_ids is None."
+            )
+        ids, mask, types = self._check_inputs(input_ids, attention_mask, token_type_ids)
+        with self._lock, torch.no_grad():
+            outputs = self._run(ids, mask, types)
+        out = self._output_cls(**outputs)
+        return out if return_dict is not False else out.to_tuple()
+
+    forward = __call__
+
+    def _check_inputs(self, input_ids, attention_mask, token_type_ids):
+        if input_ids is None:
+            raise ValueError("input_ids is required.")
+        tensors = {"input_ids": input_ids, "attention_mask": attention_mask}
+        tensors["token_type_ids"] = token_type_ids
+        for name, t in tensors.items():
+            if t is None:
+                continue
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
+            if t.is_floating_point() or t.is_complex():
+                raise ValueError(
+                    f"{name} has dtype {t.dtype}; token ids and masks must be integer tensors "
+                    "(torch.long), as the tokenizer returns them."
+                )
+            if t.dim() != 2:
+                raise ValueError(f"{name} has shape {tuple(t.shape)}; expected [batch, seq_len].")
+            if t.shape != input_ids.shape:
+                raise ValueError(
+                    f"{name} has shape {tuple(t.shape)} but input_ids has "
+                    f"{tuple(input_ids.shape)}; they must match."
+                )
+        if token_type_ids is not None and "token_type_ids" not in self.program.inputs:
+            raise ValueError(f"{self.program.meta.get('model_class')} takes no token_type_ids.")
+        batch, seq = input_ids.shape
+        if batch == 0 or seq == 0:
+            raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}; the batch is empty.")
+        max_pos = self.program.meta["max_position_embeddings"]
+        if seq > max_pos:
+            raise ValueError(
+                f"sequence length {seq} exceeds max_position_embeddings={max_pos} of this "
+                "model; truncate the inputs (tokenizer(..., truncation=True))."
+            )
+        dev = self.device
+        move = lambda t: None if t is None else t.to(dev, non_blocking=True)  # noqa: E731
+        return move(input_ids), move(attention_mask), move(token_type_ids)
+
+    def _statistics(self, ids, mask, types) -> list[int]:
+        """One device-to-host read: id ranges, real-token count, first-position validity."""
+        zero = ids.new_zeros(())
+        stats = [
+            ids.min(),
+            ids.max(),
+            types.min() if types is not None else zero,
+            types.max() if types is not None else zero,
+        ]
+        if mask is not None:
+            stats += [mask.sum(), mask[:, 0].min(), ((mask != 0) & (mask != 1)).sum()]
+        values = torch.stack([s.to(torch.long) for s in stats]).tolist()
+        meta = self.program.meta
+        vocab, types_n = meta["vocab_size"], max(meta.get("type_vocab_size", 1), 1)
+        if values[0] < 0 or values[1] >= vocab:
+            bad = values[0] if values[0] < 0 else values[1]
+            raise ValueError(
+                f"input_ids holds token id {bad}, outside the vocabulary [0, {vocab}); use the "
+                "tokenizer that belongs to this model."
+            )
+        if types is not None and (values[2] < 0 or values[3] >= types_n):
+            bad = values[2] if values[2] < 0 else values[3]
+            raise ValueError(
+                f"token_type_ids holds {bad}, outside [0, {types_n}) (type_vocab_size)."
+            )
+        if mask is not None and values[6]:
+            raise ValueError("attention_mask must hold only 0 and 1.")
+        if mask is None:
+            return [ids.numel(), 1]
+        return values[4:6]
+
+    # -- execution --------------------------------------------------------------------------
+
+    def _run(self, ids, mask, types):
+        real_tokens, first_valid = self._statistics(ids, mask, types)
+        batch, seq = ids.shape
+        # Removing padding is exact for every output that reads real tokens only; the first-token
+        # pooling reads position 0, so a batch whose position 0 is padding keeps its padding.
+        remove = self.settings.remove_padding and bool(first_valid)
+        graphs = self.settings.cuda_graphs and self.device.type == "cuda"
+        if graphs:
+            b_pad, s_pad = _bucket(batch, 1), min(
+                _bucket(seq, 16), self.program.meta["max_position_embeddings"]
+            )
+        else:
+            b_pad, s_pad = batch, seq
+        rows = _bucket(real_tokens, 64) if (remove and graphs) else real_tokens
+        rows = min(rows, b_pad * s_pad) if remove else b_pad * s_pad
+        key = (remove, b_pad, s_pad, rows)
+
+        if graphs:
+            entry = self._graphs.get(key)
+            if entry is None:
+                entry = self._capture(key)
+            else:
+                self._graphs.move_to_end(key)
+            static, outs, graph = entry
+            self._prologue(static, ids, mask, types, remove)
+            graph.replay()
+        else:
+            static = self._static_inputs(key)
+            self._prologue(static, ids, mask, types, remove)
+            outs = self._execute(static)
+        return self._epilogue(outs, static, batch, seq, real_tokens, remove)
+
+    def _static_inputs(self, key) -> dict:
+        remove, b_pad, s_pad, rows = key
+        dev = self.device
+        return {
+            "shape": (b_pad, s_pad, rows),
+            "input_ids": torch.zeros(b_pad, s_pad, dtype=torch.long, device=dev),
+            "token_type_ids": torch.zeros(b_pad, s_pad, dtype=torch.long, device=dev),
+            "mask": torch.zeros(b_pad, s_pad, dtype=torch.long, device=dev),
+            "rows": torch.zeros(rows, dtype=torch.long, device=dev),
+            "cu_seqlens": torch.zeros(b_pad + 1, dtype=torch.int32, device=dev),
+            "first_rows": torch.zeros(b_pad, dtype=torch.long, device=dev),
+            "key_valid": None if remove else torch.zeros(rows, dtype=torch.int8, device=dev),
+        }
+
+    def _prologue(self, static, ids, mask, types, remove):
+        """Fill the static inputs of a bucket from this call's inputs (GPU work only)."""
+        b_pad, s_pad, rows = static["shape"]
+        batch, seq = ids.shape
+        m = static["mask"]
+        m.zero_()
+        if mask is None:
+            m[:batch, :seq] = 1
+        else:
+            m[:batch, :seq] = mask
+        static["input_ids"].zero_()
+        static["input_ids"][:batch, :seq] = ids
+        static["token_type_ids"].zero_()
+        if types is not None:
+            static["token_type_ids"][:batch, :seq] = types
+        flat = m.view(-1)
+        if remove:
+            # A stable sort puts the real tokens first, in order; the rows past them (bucket
+            # padding) point at valid positions and belong to no sequence.
+            order = torch.argsort((flat == 0).to(torch.int8), stable=True)
+            static["rows"].copy_(order[:rows])
+            lengths = m.sum(1)
+        else:
+            torch.arange(rows, device=m.device, out=static["rows"])
+            static["key_valid"].copy_(flat)
+            lengths = torch.full((b_pad,), s_pad, device=m.device, dtype=torch.long)
+        cu = static["cu_seqlens"]
+        cu[0] = 0
+        torch.cumsum(lengths, 0, out=cu[1:])
+        static["first_rows"].copy_(cu[:-1].clamp(max=rows - 1))
+
+    def _capture(self, key):
+        static = self._static_inputs(key)
+        # The first run compiles the Triton kernels and tunes GEMMs; neither may be captured.
+        self._prologue(static, static["input_ids"][:1, :1], None, None, key[0])
+        torch.cuda.synchronize(self.device)
+        self._execute(static)
+        torch.cuda.synchronize(self.device)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            outs = self._execute(static)
+        entry = (static, outs, graph)
+        self._graphs[key] = entry
+        while len(self._graphs) > self.settings.max_cuda_graphs:
+            self._graphs.popitem(last=False)
+        return entry
+
+    def _execute(self, static) -> dict[str, torch.Tensor]:
+        """The program's kernel calls over the static inputs of one shape."""
+        if self._kernels is None:
+            self._kernels = _Kernels()
+        b_pad, s_pad, rows = static["shape"]
+        env: dict[str, torch.Tensor] = {}
+        values = {
+            "input_ids": static["input_ids"],
+            "token_type_ids": static["token_type_ids"],
+            "rows": static["rows"],
+            "cu_seqlens": static["cu_seqlens"],
+            "key_valid": static["key_valid"],
+            "first_rows": static["first_rows"],
+        }
+
+        def get(ref):
+            if ref is None:
+                return None
+            if ref.startswith("w:"):
+                return self._weights[ref[2:]]
+            if ref.startswith("p:"):
+                return values[ref[2:]]
+            return env[ref]
+
+        for call in self.program.calls:
+            buf = self.program.buffers[call.output]
+            lead = rows if buf.layout == "tokens" else b_pad
+            out = torch.empty(lead, *buf.shape, dtype=buf.torch_dtype, device=self.device)
+            args = {k: get(v) for k, v in call.inputs.items()}
+            env[call.output] = _LAUNCH[call.kernel](self, args, call.attrs, out, s_pad)
+        return {field: env[buf] for field, buf in self.program.outputs.items()}
+
+    def _epilogue(self, outs, static, batch, seq, real_tokens, remove):
+        b_pad, s_pad, rows = static["shape"]
+        result = {}
+        for field, t in outs.items():
+            layout = self.program.buffers[self.program.outputs[field]].layout
+            if layout == "batch":
+                result[field] = t[:batch].float()
+            elif remove:
+                full = t.new_zeros((b_pad * s_pad, *t.shape[1:]), dtype=torch.float32)
+                full.index_copy_(0, static["rows"][:real_tokens], t[:real_tokens].float())
+                result[field] = full.view(b_pad, s_pad, *t.shape[1:])[:batch, :seq].clone()
+            else:
+                result[field] = t.view(b_pad, s_pad, *t.shape[1:])[:batch, :seq].float()
+            if result[field].data_ptr() == t.data_ptr():
+                result[field] = result[field].clone()
+        return result
+
+    # -- GEMM block shapes ------------------------------------------------------------------
+
+    def gemm_config(self, m: int, n: int, k: int, dtype: torch.dtype):
+        mm = self._kernels.matmul
+        key = f"{n}x{k}:{str(dtype).removeprefix('torch.')}:m{mm.m_bucket(m)}"
+        found = self.program.tuning.get(key)
+        if found is not None:
+            return mm.GemmConfig.from_dict(found)
+        capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if self.settings.autotune and self.device.type == "cuda" and not capturing:
+            config = mm.tune(m, n, k, dtype, self.device)
+            self.program.tuning[key] = config.to_dict()
+            return config
+        return mm.default_config(m, n, k, dtype)
+
+
+def _launch_linear(model, a, attrs, out, seq):
+    x, w = a["x"], a["weight"]
+    config = model.gemm_config(x.shape[0], w.shape[0], w.shape[1], w.dtype)
+    return model._kernels.matmul.linear(
+        x, w, a["bias"], activation=attrs["activation"], residual=a["residual"], out=out,
+        config=config,
+    )
+
+
+def _launch_layer_norm(model, a, attrs, out, seq):
+    return model._kernels.layernorm.layer_norm(
+        a["x"], a["weight"], a["bias"], attrs["eps"], residual=a["residual"], out=out
+    )
+
+
+def _launch_embed(model, a, attrs, out, seq):
+    return model._kernels.embedding.embed_layernorm(
+        a["input_ids"], a["word"], a["position"], a["ln_weight"], a["ln_bias"], attrs["eps"],
+        rows=a["rows"], token_type_ids=a["token_type_ids"], token_type=a["token_type"],
+        position_offset=attrs["position_offset"], out=out,
+    )
+
+
+def _launch_attention(model, a, attrs, out, seq):
+    width = attrs["num_heads"] * attrs["head_dim"]
+    q, k, v = (a[n][:, off : off + width] for n, off in zip("qkv", attrs["offsets"]))
+    return model._kernels.attention.attention(
+        q, k, v, a["cu_seqlens"], seq, attrs["num_heads"], attrs["head_dim"], attrs["scale"],
+        key_valid=a["key_valid"], out=out,
+    )
+
+
+def _launch_first_token(model, a, attrs, out, seq):
+    return torch.index_select(a["x"], 0, a["first_rows"], out=out)
+
+
+def _launch_pointwise(model, a, attrs, out, seq):
+    inputs = [a[f"in{i}"] for i in range(len(a))]
+    return model._kernels.pointwise.pointwise(attrs["expr"], inputs, out=out)
+
+
+_LAUNCH = {
+    "linear": _launch_linear,
+    "layer_norm": _launch_layer_norm,
+    "embed_layernorm": _launch_embed,
+    "attention": _launch_attention,
+    "first_token": _launch_first_token,
+    "pointwise": _launch_pointwise,
+}
