@@ -333,9 +333,7 @@ def load_artifact(directory: str | os.PathLike) -> Artifact:
     try:
         settings = DiscSettings.from_dict(json.loads((directory / SETTINGS_NAME).read_text()))
     except (ValueError, TypeError) as e:
-        raise ValueError(
-            f"artifact file {SETTINGS_NAME!r} in {str(directory)!r}: {e}"
-        ) from None
+        raise ValueError(f"artifact file {SETTINGS_NAME!r} in {str(directory)!r}: {e}") from None
     program = Program.from_json(program_text, weights)
     return Artifact(directory=directory, manifest=manifest, program=program, settings=settings)
 

@@ -78,8 +78,9 @@ def _normalize_device(device) -> torch.device:
         ) from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device={str(device)!r} needs a CUDA GPU and none is available; "
-                             "pass device='cpu'.")
+            raise ValueError(
+                f"device={str(device)!r} needs a CUDA GPU and none is available; pass device='cpu'."
+            )
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
     return device
@@ -170,7 +171,8 @@ class DiscModel(OptimizedModel):
             raise TypeError(
                 f"{cls.__name__}.from_pretrained() got unexpected keyword argument(s) "
                 f"{sorted(kwargs)}; it takes the transformers loading arguments (revision, token, "
-                f"cache_dir, ...), device=, settings= and the settings fields {list(_SETTING_FIELDS)}."
+                "cache_dir, ...), device=, settings= and the settings fields "
+                f"{list(_SETTING_FIELDS)}."
             )
         if settings is not None and not isinstance(settings, DiscSettings):
             raise TypeError(f"settings must be a DiscSettings, got {type(settings).__name__}.")
@@ -311,7 +313,9 @@ class DiscModel(OptimizedModel):
 
     # -- saving -----------------------------------------------------------------------------
 
-    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs):
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs
+    ):
         """Save the artifact into ``save_directory`` (replaced as a whole, atomically).
 
         Writes ``config.json``, the tokenizer files (when the model has a tokenizer), the
@@ -497,13 +501,13 @@ class DiscModel(OptimizedModel):
             loss = self._loss(outputs, **{k: self._as_tensor(k, v) for k, v in labels.items()})
             outputs = type(outputs)(loss=loss, **{k: v for k, v in outputs.items() if k != "loss"})
         if return_dict is None:
-            return_dict = getattr(self.config, "use_return_dict", True)
+            return_dict = getattr(self.config, "return_dict", True)
         return outputs if return_dict else outputs.to_tuple()
 
     def _as_tensor(self, name, value):
         if value is None:
             return None
-        if isinstance(value, np.ndarray) or isinstance(value, (list, tuple)):
+        if isinstance(value, (np.ndarray, list, tuple)):
             value = torch.as_tensor(value)
         if not isinstance(value, torch.Tensor):
             raise ValueError(
@@ -643,7 +647,9 @@ class DiscModelForQuestionAnswering(DiscModel):
         start_positions = start_positions.view(-1).clamp(0, ignored)
         end_positions = end_positions.view(-1).clamp(0, ignored)
         ce = torch.nn.CrossEntropyLoss(ignore_index=ignored)
-        return (ce(outputs.start_logits, start_positions) + ce(outputs.end_logits, end_positions)) / 2
+        return (
+            ce(outputs.start_logits, start_positions) + ce(outputs.end_logits, end_positions)
+        ) / 2
 
 
 class DiscModelForMaskedLM(DiscModel):
@@ -732,7 +738,11 @@ def _locate_artifact(model_id: str, **hub) -> Path | None:
     if Path(model_id).is_dir():
         return None
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+    )
 
     kwargs = {
         "repo_id": model_id,
@@ -907,9 +917,12 @@ class QuestionAnsweringPipeline(Pipeline):
             contexts = [context] if isinstance(context, str) else list(context)
             if len(questions) == 1 and len(contexts) > 1:
                 questions = questions * len(contexts)
+            if len(contexts) == 1 and len(questions) > 1:
+                contexts = contexts * len(questions)
             if len(questions) != len(contexts):
                 raise ValueError(
-                    f"{len(questions)} questions and {len(contexts)} contexts; pass as many of each."
+                    f"{len(questions)} questions and {len(contexts)} contexts; pass as many "
+                    "of each."
                 )
             return [{"question": q, "context": c} for q, c in zip(questions, contexts)], False
         if len(args) != 1:

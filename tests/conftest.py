@@ -1,8 +1,8 @@
 """Test set-up shared by every test.
 
-Without a CUDA device the kernels run on Triton's CPU interpreter (set in optimum_disc.kernels,
-imported here first so that it decides before any kernel module is decorated). Tests marked
-``gpu`` need a CUDA device and are skipped without one.
+Without a CUDA device the kernels run on Triton's CPU interpreter (``import optimum_disc``
+settles that, so it comes first). Tests marked ``gpu`` need a CUDA device and are skipped
+without one.
 """
 
 import random
@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-import optimum_disc.kernels  # noqa: F401  (decides TRITON_INTERPRET before any kernel import)
+import optimum_disc  # noqa: F401  (settles TRITON_INTERPRET before Triton loads)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -95,9 +95,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             task = normalize_task(args.task)
         cls = TASK_TO_CLASS[task]
-        model = cls.from_pretrained(
-            args.model, export=True, device=args.device, **hub, **settings
-        )
+        model = cls.from_pretrained(args.model, export=True, device=args.device, **hub, **settings)
         model.save_pretrained(args.output)
     except (ValueError, OSError) as e:
         print(f"optimum-disc export: error: {e}", file=sys.stderr)

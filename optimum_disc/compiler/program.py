@@ -136,7 +136,7 @@ class Program:
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1, sort_keys=True)
+        return json.dumps(self.to_dict(), indent=1)
 
     @classmethod
     def from_dict(cls, d: dict, weights: dict[str, torch.Tensor]) -> Program:

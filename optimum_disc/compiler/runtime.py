@@ -355,6 +355,11 @@ class CompiledModel:
                 result[field] = full.view(b_pad, s_pad, *t.shape[1:])[:batch, :seq].clone()
             else:
                 result[field] = t.view(b_pad, s_pad, *t.shape[1:])[:batch, :seq].float()
+                if self.settings.remove_padding:
+                    # This batch kept its padding (position 0 was padding somewhere); the
+                    # documented output at padding positions is still zeros.
+                    keep = static["mask"][:batch, :seq].view(batch, seq, *[1] * (t.dim() - 1))
+                    result[field] = result[field] * keep
             if result[field].data_ptr() == t.data_ptr():
                 result[field] = result[field].clone()
         return result

@@ -131,7 +131,7 @@ def load_movie_reviews(split: str | None = "all"):
     Columns: ``id`` (int, the line's id in the source file), ``text``, ``label`` (a ``ClassLabel``
     with names ``NEGATIVE`` / ``POSITIVE``: 1 if the mean rating is above 0, 0 if below) and
     ``rating`` (the mean human rating, -4 to +4). The 37 sentences whose mean rating is exactly 0
-    are dropped (logged), leaving 10,568 rows: 8,465 train and 2,103 test.
+    are dropped (logged), leaving 10,568 rows: 8,518 train and 2,050 test.
 
     Args:
         split: ``"all"`` (or None), ``"train"`` (about 80%) or ``"test"`` (about 20%), fixed by a
@@ -168,6 +168,7 @@ def load_movie_reviews(split: str | None = "all"):
         citation=CITATION,
         homepage="https://github.com/cjhutto/vaderSentiment",
         license="MIT",
+        features=features,
     )
     return datasets.Dataset.from_dict(
         {

@@ -6,7 +6,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from hf_helpers import ModelCache
+
+from .hf_helpers import ModelCache
 
 
 @pytest.fixture(scope="session")

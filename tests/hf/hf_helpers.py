@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
-import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +20,12 @@ import transformers
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-WORDS = (
+_WORDS = (
     "the a an good bad great terrible movie film story actor plot is was were very not "
-    "i you it liked hated loved boring fun who what where paris london lives in city "
-    "alice bob eats apples pears today yesterday and but of to"
-).split()
+    "i you it liked hated loved boring fun who what where paris london lives in city alice "
+    "bob eats apples pears today yesterday and but of to"
+)
+WORDS = _WORDS.split()
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
 LABELS = {0: "negative", 1: "neutral", 2: "positive"}
 TAGS = {0: "O", 1: "B-PER", 2: "I-PER", 3: "B-LOC", 4: "I-LOC"}

