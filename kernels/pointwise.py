@@ -62,9 +62,6 @@ OPS = {
 }
 
 
-_NAN = tl.constexpr(float("nan"))
-
-
 @triton.jit
 def _tanh(x):
     # libdevice's tanh does not run on the CPU interpreter, and 1 - 2 / (exp(2x) + 1) loses all
@@ -92,7 +89,9 @@ def _pow(a, b):
     b_odd = b_int & (tl.floor(half) != half)
     neg = a < 0
     res = tl.where(neg & b_odd, -mag, mag)
-    res = tl.where(neg & (b_int == 0), _NAN, res)
+    # NaN made in the kernel: a NaN global constexpr never compares equal to itself, which
+    # Triton's compiled mode takes for a changed global and refuses.
+    res = tl.where(neg & (b_int == 0), tl.sqrt(tl.abs(res) * 0.0 - 1.0), res)
     return tl.where((b == 0) | (a == 1.0), 1.0, res)
 
 
@@ -230,6 +229,12 @@ def pointwise_source(expr: dict) -> str:
             line = _step_source(op, operands, consts)
         helpers.update(h for h in ("_pow", "_tanh", "_gelu_tanh") if f"{h}(" in line)
         body.append(f"v{n_in + n} = {line}  # {comment}")
+    if "NAN" in specials:
+        # Made in the kernel: a NaN global never equals itself, which compiled Triton takes for
+        # a changed global and refuses.
+        body.insert(
+            len(body) - len(steps), "NAN = tl.sqrt(tl.full((BLOCK_M, BLOCK_N), -1.0, tl.float32))"
+        )
     if needs_zero:
         body.insert(len(body) - len(steps), "zero = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)")
     result = f"v{n_in + len(steps) - 1}"
@@ -249,8 +254,6 @@ def pointwise_source(expr: dict) -> str:
         lines.append("")
     if specials & {"INF", "(-INF)"}:
         lines.append('INF = tl.constexpr(float("inf"))')
-    if "NAN" in specials:
-        lines.append('NAN = tl.constexpr(float("nan"))')
     signature = ", ".join(params + ["M", "N"] + strides)
     lines += [
         "",

@@ -6,7 +6,8 @@ the same on every machine), one after the other:
 - ``eager_fp32``, ``eager_fp16``: the transformers model (SDPA attention), in fp32 / ``.half()``.
 - ``compile_fp16``, ``compile_fp16_cudagraphs``, ``compile_dynamic_fp16``: ``torch.compile`` of
   the fp16 model, by default, with ``mode="reduce-overhead"`` and with ``dynamic=True``.
-- ``disc_fp32``, ``disc_fp16``, ``disc_bf16``: ``optimize(model_fp32, DiscSettings(precision=...))``.
+- ``disc_fp32``, ``disc_fp16``, ``disc_bf16``: optimum-disc,
+  ``optimize(model_fp32, DiscSettings(precision=...))``.
 
 For each peer: the latency of each shape (random token ids, attention mask all ones; median,
 p10 and p90 of ``iters`` calls after ``warmup`` calls, each call timed alone with CUDA events and
@@ -26,6 +27,7 @@ The command line is ``optimum-disc benchmark`` (see ``optimum_disc/commands/benc
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import datetime
@@ -40,7 +42,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -142,6 +144,7 @@ class BenchmarkOptions:
     seed: int = 0
     max_cuda_graphs: int | None = None  # for optimum-disc; None keeps DiscSettings' default
     recompile_limit: int = 64  # torch._dynamo's, so that no peer silently falls back to eager
+    compile_cache: bool = True  # False: Inductor's caches off, every compile time is a cold one
     command: str | None = None
     progress: bool = True
 
@@ -647,11 +650,16 @@ class _Run:
         try:
             import torch._dynamo.config as dynamo_config
 
-            name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else (
-                "cache_size_limit"
-            )
+            name = "recompile_limit"
+            if not hasattr(dynamo_config, name):  # torch < 2.6
+                name = "cache_size_limit"
             setattr(dynamo_config, name, max(getattr(dynamo_config, name), self.o.recompile_limit))
             self.results["meta"]["dynamo_" + name] = getattr(dynamo_config, name)
+            if not self.o.compile_cache:
+                import torch._inductor.config as inductor_config
+
+                inductor_config.force_disable_caches = True
+                self.results["meta"]["inductor_force_disable_caches"] = True
         except Exception as e:
             self.error("torch._dynamo configuration", e)
 
@@ -695,11 +703,15 @@ class _Run:
             self.ref = {s: model(**self.inputs[s]).logits.float().cpu() for s in self.shapes}
             self.ref_dataset = None
             if self.batches:
-                dmodel = self.dataset_models.get(torch.float32)
-                self.results["dataset"]["model_parameters"] = self.dataset_models.parameters()
-                self.ref_dataset = torch.cat(
-                    [dmodel(**b).logits.float().cpu() for b in self.batches]
-                )
+                try:
+                    dmodel = self.dataset_models.get(torch.float32)
+                    self.results["dataset"]["model_parameters"] = self.dataset_models.parameters()
+                    self.ref_dataset = torch.cat(
+                        [dmodel(**b).logits.float().cpu() for b in self.batches]
+                    )
+                except Exception as e:
+                    self.results["dataset"] = {"error": self.error("dataset reference", e)}
+                    self.batches, self.dataset_models = [], None
         self.log("eager_fp32 reference logits computed")
 
     # -- one peer
@@ -716,7 +728,9 @@ class _Run:
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
-            res["memory"] = {"allocated_before_mib": torch.cuda.memory_allocated(self.device) / 2**20}
+            res["memory"] = {
+                "allocated_before_mib": torch.cuda.memory_allocated(self.device) / 2**20
+            }
         try:
             if self.shapes:
                 self._peer_shapes(name, spec, res)
@@ -777,7 +791,6 @@ class _Run:
             res["cuda_graphs_held"] = len(peer.compiled._graphs)
             if name == self.artifact_peer and not self.skip("artifact load"):
                 self.results["artifact_load"] = self._artifact_load(peer)
-        del peer
 
     def _measure_shape(self, peer: Peer, shape) -> dict:
         inputs = self.inputs[shape]
@@ -851,7 +864,6 @@ class _Run:
             f"{name} dataset: {out['ms_per_pass']:.1f} ms per pass, {out['texts_per_s']:.0f} "
             f"texts/s, cold pass {cold_s:.1f} s, max|dlogits| {out['max_abs_diff']:.2e}"
         )
-        del peer
 
     def _artifact_load(self, peer: Peer) -> dict:
         try:
@@ -862,9 +874,9 @@ class _Run:
         try:
             with tempfile.TemporaryDirectory(prefix="disc-benchmark-") as folder:
                 started = time.perf_counter()
-                DiscModelForSequenceClassification(peer.compiled, self.models.config).save_pretrained(
-                    folder
-                )
+                DiscModelForSequenceClassification(
+                    peer.compiled, self.models.config
+                ).save_pretrained(folder)
                 save_s = time.perf_counter() - started
                 size = sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
                 load_s, loaded = wall_s(
@@ -876,7 +888,6 @@ class _Run:
                 with torch.no_grad():
                     first_s, out = wall_s(lambda: loaded(**self.inputs[shape]), self.device)
                 diff = _max_abs_diff(out.logits, self.ref[shape])
-                del loaded
         except Exception as e:
             return {"error": self.error("artifact load", e)}
         result = {
@@ -911,10 +922,8 @@ def _count_captures(compiled) -> dict:
 
 
 def _dynamo_reset() -> None:
-    try:
+    with contextlib.suppress(Exception):
         torch._dynamo.reset()
-    except Exception:
-        pass
 
 
 def _dynamo_counters() -> dict:
@@ -1036,7 +1045,9 @@ def _jsonable(value):
         return [_jsonable(v) for v in value]
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    return repr(value) if not isinstance(value, os.PathLike) else os.fspath(value)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return f"<{type(value).__name__}>"
 
 
 # -- outputs --------------------------------------------------------------------------------------
@@ -1084,8 +1095,9 @@ def markdown_table(results: dict) -> str:
         f"{meta.get('transformers')}, driver {meta.get('driver', '–')}; {meta.get('date', '')}.",
         "",
         f"Latency in ms: median of {results['options'].get('iters')} calls after "
-        f"{results['options'].get('warmup')} warm-up calls, each on an idle GPU, host overhead "
-        f"included. Speed-up: {base} ms / {fast} ms.",
+        f"{results['options'].get('warmup')} warm-up calls, each started on an idle device, host "
+        f"overhead included. Speed-up: {base} ms / {fast} ms. Resident models (fp32 references) "
+        "count in the memory row.",
         "",
     ]
     cols = ["shape", *peers, f"{fast} vs {base}"]
@@ -1111,18 +1123,27 @@ def markdown_table(results: dict) -> str:
         per = {p: _entry(table, p, "dataset") for p in peers}
         ms = {p: (r or {}).get("ms_per_pass") for p, r in per.items()}
         row(
-            f"{label} pass, ms ({ds['texts']} texts)",
+            f"{label}: pass, ms ({ds['texts']} texts)",
             [_cell(per[p], ms[p]) for p in peers],
             speedup(ms.get(fast), ms.get(base)),
         )
         row(
-            f"{label} texts/s",
-            [_cell(per[p], (per[p] or {}).get("texts_per_s"), lambda x: f"{x:,.0f}") for p in peers],
+            f"{label}: texts/s",
+            [
+                _cell(per[p], (per[p] or {}).get("texts_per_s"), lambda x: f"{x:,.0f}")
+                for p in peers
+            ],
         )
-        row(
-            f"{label} cold pass, s",
-            [_cell(per[p], (per[p] or {}).get("cold_pass_s"), lambda x: f"{x:.1f}") for p in peers],
-        )
+
+        def cold(p):
+            r = per[p]
+            if r is None or "error" in r or r.get("cold_pass_s") is None:
+                return _cell(r, None)
+            if r.get("optimize_s") is not None:
+                return f"{r['cold_pass_s']:.1f} + {r['optimize_s']:.1f} optimize"
+            return f"{r['cold_pass_s']:.1f}"
+
+        row(f"{label}: cold pass, s", [cold(p) for p in peers])
 
     def compile_cell(p):
         r = table.get(p)
@@ -1143,12 +1164,15 @@ def markdown_table(results: dict) -> str:
 
     row(f"max abs Δlogits vs {results['reference_peer']}", [worst_diff(p) for p in peers])
 
-    def memory(p):
+    def memory(p, own=False):
         m = (table.get(p) or {}).get("memory", {})
-        return f"{m['max_allocated_mib']:,.0f}" if "max_allocated_mib" in m else "–"
+        if "max_allocated_mib" not in m:
+            return "–"
+        return f"{m['max_allocated_mib'] - (m['allocated_before_mib'] if own else 0):,.0f}"
 
     if meta.get("device", "").startswith("cuda"):
-        row("peak memory, MiB", [memory(p) for p in peers])
+        row("max memory allocated, MiB", [memory(p) for p in peers])
+        row("  of which the peer's own, MiB", [memory(p, own=True) for p in peers])
 
     def graphs(p):
         r = table.get(p) or {}
@@ -1175,7 +1199,7 @@ def markdown_table(results: dict) -> str:
         body.append("")
         if "from_pretrained_s" in art:
             body.append(
-                f"Artifact ({art['peer']}, {art['size_mib']:.0f} MiB): from_pretrained "
+                f"Artifact ({art['peer']}, {art['size_mib']:.1f} MiB): from_pretrained "
                 f"{art['from_pretrained_s']:.2f} s + first call ({art['first_call_shape']}) "
                 f"{art['first_call_s']:.2f} s."
             )
@@ -1221,7 +1245,9 @@ def plot(results: dict, path: Path) -> None:
     if ds and "error" not in ds:
         groups.append(f"{ds.get('name')} pass")
         for p in peers:
-            values[p].append((results["results"].get(p, {}).get("dataset") or {}).get("ms_per_pass"))
+            values[p].append(
+                (results["results"].get(p, {}).get("dataset") or {}).get("ms_per_pass")
+            )
     fig = Figure(figsize=(max(8.0, 1.4 * len(groups) * max(1, len(peers)) / 4), 5.0))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)

@@ -177,6 +177,8 @@ class DiscModel(OptimizedModel):
         if settings is not None and not isinstance(settings, DiscSettings):
             raise TypeError(f"settings must be a DiscSettings, got {type(settings).__name__}.")
         DiscSettings().replace(**overrides)  # checks the values before any work
+        if isinstance(config, (str, os.PathLike)):
+            config = AutoConfig.from_pretrained(str(config), trust_remote_code=trust_remote_code)
         device = _normalize_device(device) if device is not None else _default_device()
         model_id = model_id.as_posix() if isinstance(model_id, Path) else str(model_id)
         hub = {
@@ -1032,10 +1034,20 @@ def pipeline(
         kwargs: passed to the pipeline (``batch_size``, ``top_k``, ``truncation``...).
 
     Example:
-        >>> from optimum_disc.modeling import pipeline  # doctest: +SKIP
-        >>> classify = pipeline("text-classification", model="path/to/saved")  # doctest: +SKIP
-        >>> classify("a great movie")  # doctest: +SKIP
-        [{'label': 'POSITIVE', 'score': 0.99}]
+        >>> import pathlib, tempfile, transformers
+        >>> from optimum_disc.modeling import DiscModelForSequenceClassification, pipeline
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> config = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1,
+        ...     num_attention_heads=2, intermediate_size=37, max_position_embeddings=64)
+        >>> transformers.BertForSequenceClassification(config).save_pretrained(folder)
+        >>> words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "movie"]
+        >>> _ = (folder / "vocab.txt").write_text("\\n".join(words))
+        >>> _ = transformers.AutoTokenizer.from_pretrained(folder).save_pretrained(folder)
+        >>> model = DiscModelForSequenceClassification.from_pretrained(folder, export=True,
+        ...     device="cpu")
+        >>> classify = pipeline("sentiment-analysis", model=model)  # the model's own tokenizer
+        >>> [sorted(result) for result in classify(["good movie", "bad movie"])]
+        [['label', 'score'], ['label', 'score']]
     """
     import transformers
 

@@ -13,6 +13,7 @@ This module imports nothing heavy until ``run``, so that the command line starts
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
 import signal
 import sys
@@ -34,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--peers",
         default=",".join(PEERS),
-        help=f"comma-separated peers to measure, in this order, or 'all' (default: {','.join(PEERS)})",
+        help="comma-separated peers to measure, in this order, or 'all' (default: all of "
+        f"{','.join(PEERS)})",
     )
     parser.add_argument(
         "--shapes",
@@ -88,6 +90,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="CUDA graphs an optimum-disc model keeps (default: DiscSettings' default)",
     )
+    parser.add_argument(
+        "--no-compile-cache",
+        action="store_true",
+        help="turn Inductor's caches off, so that torch.compile times are cold ones",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
 
@@ -124,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             max_cuda_graphs=args.max_cuda_graphs,
             command=_command_line(),
+            compile_cache=not args.no_compile_cache,
             progress=not args.quiet,
         )
     except ValueError as e:
@@ -131,10 +139,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     # A SIGTERM (from `timeout`, for example) stops the run; what was measured is still written.
     previous = None
-    try:
+    with contextlib.suppress(ValueError):  # not in the main thread: no handler
         previous = signal.signal(signal.SIGTERM, interrupt)
-    except ValueError:  # not the main thread
-        pass
     try:
         results = run_benchmark(options)
     except ValueError as e:

@@ -4,8 +4,8 @@ Example:
     optimum-cli export disc --model google-bert/bert-base-uncased --precision fp16 bert_disc/
 
 The folder holds the compiled artifact (see ``optimum_disc.artifact``); load it with
-``DiscModelFor<Task>.from_pretrained(folder)``. This module imports nothing heavy until
-``run``, so that the command line starts fast.
+``DiscModelFor<Task>.from_pretrained(folder)``. transformers and the compiler are imported in
+``run`` only, so that listing the commands stays fast.
 """
 
 from __future__ import annotations

@@ -123,8 +123,10 @@ def optimize(
         >>> print(compiled.code.splitlines()[0])
         def program(input_ids: i64[B, S], attention_mask: i64[B, S], token_type_ids: i64[B, S]):
     """
-    settings = (settings or DiscSettings()).replace(**overrides) if overrides else (
-        settings or DiscSettings()
+    settings = (
+        (settings or DiscSettings()).replace(**overrides)
+        if overrides
+        else (settings or DiscSettings())
     )
     started = time.perf_counter()
     dump = _dumper(settings.debug_dir)
@@ -187,7 +189,10 @@ def _dump_kernels(dump, program: Program) -> None:
         if name in used:
             dump(f"kernels/{name}.py", inspect.getsource(module))
     for i, call in enumerate(c for c in program.calls if c.kernel == "pointwise"):
-        dump(f"kernels/pointwise_{i}_{call.output}.py", pointwise.pointwise_source(call.attrs["expr"]))
+        dump(
+            f"kernels/pointwise_{i}_{call.output}.py",
+            pointwise.pointwise_source(call.attrs["expr"]),
+        )
     dump("13_kernel_choices.json", json.dumps(program.tuning, indent=1, sort_keys=True))
 
 

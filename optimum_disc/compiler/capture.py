@@ -7,6 +7,7 @@ the passes match at that level and need no per-model code.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import warnings
 
@@ -56,6 +57,13 @@ def capture(model: torch.nn.Module, inputs: dict[str, torch.Tensor] | None = Non
             "(dropout would otherwise be part of the function)."
         )
     names = model_inputs(model)
+    # Traced on the CPU: the graph is the same, and on CUDA transformers adds alignment guards
+    # on the sequence length (multiples of 8) that a symbolic length cannot satisfy. The program
+    # takes its weights to the model's device afterwards.
+    if next(model.parameters()).device.type != "cpu":
+        model = copy.deepcopy(model).cpu()
+    cpu = torch.device("cpu")
+    inputs = {k: v.to(cpu) for k, v in inputs.items()} if inputs else None
     inputs = inputs or example_inputs(model, names)
     max_seq = model.config.max_position_embeddings
     batch = torch.export.Dim("batch", min=1, max=1 << 20)

@@ -22,7 +22,9 @@ class UnsupportedGraph(ValueError):
 
 def _describe(node: fx.Node) -> str:
     target = getattr(node.target, "__name__", str(node.target))
-    return f"{node.name} = {target}{tuple(a.name if isinstance(a, fx.Node) else a for a in node.args)}"
+    return (
+        f"{node.name} = {target}{tuple(a.name if isinstance(a, fx.Node) else a for a in node.args)}"
+    )
 
 
 def lower(g: Graph) -> Program:

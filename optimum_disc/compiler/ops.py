@@ -86,8 +86,20 @@ def pointwise(expr, *inputs):
 
     full = next(t for t, kind in zip(inputs, expr["inputs"]) if kind == "full")
     lead = full.shape[:-1]
-    flat = [t.reshape(-1, t.shape[-1]) if kind == "full" else t for t, kind in zip(inputs, expr["inputs"])]
+    flat = [
+        t.reshape(-1, t.shape[-1]) if kind == "full" else t
+        for t, kind in zip(inputs, expr["inputs"])
+    ]
     return pointwise_reference(expr, flat, out_dtype=full.dtype).reshape(*lead, -1)
 
 
-FUSED_OPS = (padding_mask, embed_layernorm, linear, layer_norm, attention, attention_packed, first_token, pointwise)
+FUSED_OPS = (
+    padding_mask,
+    embed_layernorm,
+    linear,
+    layer_norm,
+    attention,
+    attention_packed,
+    first_token,
+    pointwise,
+)

@@ -99,9 +99,9 @@ class Program:
         )
         for call in self.calls:
             out = self.buffers[call.output]
-            parts = [
-                f"{k}={_ref(v)}" for k, v in call.inputs.items() if v is not None
-            ] + [f"{k}={_attr(v)}" for k, v in call.attrs.items() if k != "config"]
+            parts = [f"{k}={_ref(v)}" for k, v in call.inputs.items() if v is not None] + [
+                f"{k}={_attr(v)}" for k, v in call.attrs.items() if k != "config"
+            ]
             lines.append(f"    {out.name}: {out.type_str()} = {call.kernel}({', '.join(parts)})")
         fields = ", ".join(f"{k}={v}" for k, v in self.outputs.items())
         lines.append(f"    return {self.output_class.rsplit('.', 1)[-1]}({fields})")

@@ -223,8 +223,9 @@ class CompiledModel:
         remove = self.settings.remove_padding and bool(first_valid)
         graphs = self.settings.cuda_graphs and self.device.type == "cuda"
         if graphs:
-            b_pad, s_pad = _bucket(batch, 1), min(
-                _bucket(seq, 16), self.program.meta["max_position_embeddings"]
+            b_pad, s_pad = (
+                _bucket(batch, 1),
+                min(_bucket(seq, 16), self.program.meta["max_position_embeddings"]),
             )
         else:
             b_pad, s_pad = batch, seq
@@ -384,7 +385,12 @@ def _launch_linear(model, a, attrs, out, seq):
     x, w = a["x"], a["weight"]
     config = model.gemm_config(x.shape[0], w.shape[0], w.shape[1], w.dtype)
     return model._kernels.matmul.linear(
-        x, w, a["bias"], activation=attrs["activation"], residual=a["residual"], out=out,
+        x,
+        w,
+        a["bias"],
+        activation=attrs["activation"],
+        residual=a["residual"],
+        out=out,
         config=config,
     )
 
@@ -397,9 +403,17 @@ def _launch_layer_norm(model, a, attrs, out, seq):
 
 def _launch_embed(model, a, attrs, out, seq):
     return model._kernels.embedding.embed_layernorm(
-        a["input_ids"], a["word"], a["position"], a["ln_weight"], a["ln_bias"], attrs["eps"],
-        rows=a["rows"], token_type_ids=a["token_type_ids"], token_type=a["token_type"],
-        position_offset=attrs["position_offset"], out=out,
+        a["input_ids"],
+        a["word"],
+        a["position"],
+        a["ln_weight"],
+        a["ln_bias"],
+        attrs["eps"],
+        rows=a["rows"],
+        token_type_ids=a["token_type_ids"],
+        token_type=a["token_type"],
+        position_offset=attrs["position_offset"],
+        out=out,
     )
 
 
@@ -407,8 +421,16 @@ def _launch_attention(model, a, attrs, out, seq):
     width = attrs["num_heads"] * attrs["head_dim"]
     q, k, v = (a[n][:, off : off + width] for n, off in zip("qkv", attrs["offsets"]))
     return model._kernels.attention.attention(
-        q, k, v, a["cu_seqlens"], seq, attrs["num_heads"], attrs["head_dim"], attrs["scale"],
-        key_valid=a["key_valid"], out=out,
+        q,
+        k,
+        v,
+        a["cu_seqlens"],
+        seq,
+        attrs["num_heads"],
+        attrs["head_dim"],
+        attrs["scale"],
+        key_valid=a["key_valid"],
+        out=out,
     )
 
 

@@ -54,7 +54,7 @@ def _inputs(batch, seq, device, padding="random", vocab=99):
 
 
 def _compare(out, ref, mask, remove_padding, rtol, seed):
-    for field in out.keys():
+    for field in out:
         got, want = out[field], ref[field].float()
         assert got.dtype == torch.float32, field
         assert got.shape == want.shape, field
@@ -67,8 +67,11 @@ def _compare(out, ref, mask, remove_padding, rtol, seed):
         assert err <= rtol, f"{field}: max |diff| / scale = {err:.3g} > {rtol} (seed {seed})"
 
 
-@pytest.fixture(scope="module", params=[(k, rp) for k in HEADS for rp in (True, False)],
-                ids=lambda p: f"{p[0]}-{'unpadded' if p[1] else 'padded'}")
+@pytest.fixture(
+    scope="module",
+    params=[(k, rp) for k in HEADS for rp in (True, False)],
+    ids=lambda p: f"{p[0]}-{'unpadded' if p[1] else 'padded'}",
+)
 def fp32_compiled(request):
     kind, remove = request.param
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -53,7 +53,9 @@ class Attention(nn.Module):
         mask = attention_mask[:, None, None, :].bool().expand(b, 1, s, s)
         if self.causal:
             mask = mask & torch.ones(s, s, dtype=torch.bool).tril()
-        o = F.scaled_dot_product_attention(heads(self.q(x)), heads(self.k(x)), heads(self.v(x)), mask)
+        o = F.scaled_dot_product_attention(
+            heads(self.q(x)), heads(self.k(x)), heads(self.v(x)), mask
+        )
         return (o.transpose(1, 2).reshape(b, s, H),)
 
 
@@ -108,8 +110,13 @@ def test_fuse_attention_then_merge_qkv(seed):
 
 
 @pytest.mark.parametrize(
-    "act,name", [(F.gelu, "gelu"), (lambda t: F.gelu(t, approximate="tanh"), "gelu_tanh"),
-                 (torch.tanh, "tanh"), (torch.relu, "relu")]
+    "act,name",
+    [
+        (F.gelu, "gelu"),
+        (lambda t: F.gelu(t, approximate="tanh"), "gelu_tanh"),
+        (torch.tanh, "tanh"),
+        (torch.relu, "relu"),
+    ],
 )
 def test_gemm_epilogue_folds_activation_and_residual(seed, act, name):
     class M(nn.Module):
@@ -150,7 +157,11 @@ def test_layer_norm_takes_the_residual_add(seed):
 class Embeddings(nn.Module):
     def __init__(self):
         super().__init__()
-        self.word, self.pos, self.types = nn.Embedding(50, H), nn.Embedding(64, H), nn.Embedding(2, H)
+        self.word, self.pos, self.types = (
+            nn.Embedding(50, H),
+            nn.Embedding(64, H),
+            nn.Embedding(2, H),
+        )
         self.ln = nn.LayerNorm(H)
         self.register_buffer("position_ids", torch.arange(64).expand(1, -1), persistent=False)
 

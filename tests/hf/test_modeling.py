@@ -26,7 +26,14 @@ from optimum_disc.modeling import (
     infer_task,
 )
 
-from .hf_helpers import DEVICE, HEADS, assert_close, disc_class, padded_batch
+from .hf_helpers import (
+    DEVICE,
+    HEADS,
+    QA_UNTIL_SUPPORTED,
+    assert_close,
+    disc_class,
+    padded_batch,
+)
 
 TEXTS = ["the movie was great", "a boring plot and a bad actor , not fun at all"]
 OUTPUT_CLASSES = {
@@ -43,7 +50,13 @@ def _eager(ckpt, batch):
         return ckpt.eager(**batch)
 
 
-@pytest.mark.parametrize("task", list(HEADS))
+@pytest.mark.parametrize(
+    "task",
+    [
+        pytest.param(task, marks=QA_UNTIL_SUPPORTED) if task == "question-answering" else task
+        for task in HEADS
+    ],
+)
 def test_outputs_match_eager(tiny, task):
     ckpt, model = tiny.checkpoint(task), tiny.model(task)
     batch = padded_batch(ckpt.tokenizer, TEXTS)
@@ -83,6 +96,7 @@ def test_tuple_output_and_loss_like_transformers(tiny):
     assert_close(out[1], ref[1].detach(), f"{ckpt} logits")
 
 
+@QA_UNTIL_SUPPORTED
 def test_question_answering_loss(tiny):
     ckpt, model = tiny.checkpoint("question-answering"), tiny.model("question-answering")
     batch = padded_batch(ckpt.tokenizer, ["who lives in paris"], ["alice lives in paris"])

@@ -68,7 +68,16 @@ def fuse_embeddings(g: Graph) -> Graph:
                 g.graph,
                 node,
                 ops.embed_layernorm,
-                (ids, types if token_type is not None else None, word, position, token_type,
-                 weight, bias, eps, offset),
+                (
+                    ids,
+                    types if token_type is not None else None,
+                    word,
+                    position,
+                    token_type,
+                    weight,
+                    bias,
+                    eps,
+                    offset,
+                ),
             )
     return g.cleanup()

@@ -42,7 +42,9 @@ def _random_inputs(g: Graph, batch: int, seq: int) -> dict[str, torch.Tensor]:
         elif name == "token_type_ids":
             inputs[name] = torch.zeros(batch, seq, dtype=torch.long, device=device)
         else:
-            inputs[name] = torch.randint(0, g.meta.get("vocab_size", 2), (batch, seq), device=device)
+            inputs[name] = torch.randint(
+                0, g.meta.get("vocab_size", 2), (batch, seq), device=device
+            )
     return inputs
 
 

@@ -49,7 +49,9 @@ def merge_qkv(g: Graph) -> Graph:
         bias = None if all(b is None for b in biases) else torch.cat(biases)
         prefix = _common_prefix([g.fqns[lin[1].name] for lin in lins])
         w_node = g.add_constant("qkv_weight", weight, f"{prefix}.qkv.weight")
-        b_node = g.add_constant("qkv_bias", bias, f"{prefix}.qkv.bias") if bias is not None else None
+        b_node = (
+            g.add_constant("qkv_bias", bias, f"{prefix}.qkv.bias") if bias is not None else None
+        )
         with g.graph.inserting_before(node):
             packed = g.graph.call_function(aten.linear.default, (x, w_node, b_node))
         val = q.meta.get("val")

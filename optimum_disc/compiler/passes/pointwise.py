@@ -11,7 +11,7 @@ import torch
 import torch.fx as fx
 
 from .. import ops
-from ..graph import Graph, is_op, replace, tensor_shape
+from ..graph import Graph, replace, tensor_shape
 
 aten = torch.ops.aten
 

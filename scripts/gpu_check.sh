@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Runs the GPU tests and the benchmark on a CUDA machine that has no network: optimum-disc and
+# the packages the machine lacks come as wheels in WHEELS (default .whl), made beforehand on a
+# machine with network: `pip wheel --no-deps -w .whl .` and `pip download --no-deps -d .whl
+# optimum datasets dill multiprocess evaluate` (for Python 3.12). A tokenizer folder with the
+# uncased BERT vocabulary at WHEELS/minilm-fp16 is used for the dataset pass when present.
+# Prints a short table last.
+#
+#   bash scripts/gpu_check.sh [tests|bench|full|all] [extra benchmark options...]
+#
+# tests: pytest on the GPU (kernels, compiler, Hugging Face integration)
+# bench: our three precisions against eager PyTorch, every shape, and the dataset pass
+# full:  every peer, torch.compile included (slow: each peer compiles each shape)
+set -uo pipefail
+mode=${1:-all}
+shift || true
+wheels=${WHEELS:-.whl}
+out=${OUT:-out}
+mkdir -p "$out"
+site=/tmp/optimum-disc-site
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
+
+if [ -d "$wheels" ] && ls "$wheels"/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target "$site" "$wheels"/*.whl || exit 1
+fi
+export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+cd "$out" || exit 1  # keep the repository root (and its kernels/ folder) off sys.path
+
+python3 - <<'PY'
+import torch, triton, transformers
+print(f"device {torch.cuda.get_device_name()} | torch {torch.__version__} | triton "
+      f"{triton.__version__} | transformers {transformers.__version__}")
+PY
+
+status=0
+if [[ $mode == tests || $mode == all ]]; then
+  python3 -m pytest -p no:cacheprovider --import-mode=importlib -q -x --timeout=900 \
+    --rootdir "$OLDPWD" "$OLDPWD/tests/kernels" "$OLDPWD/tests/compiler" 2>&1 | tail -n 25
+  status=${PIPESTATUS[0]}
+fi
+if [[ $mode == bench || $mode == all ]]; then
+  tok=()
+  [ -d "$OLDPWD/$wheels/minilm-fp16" ] && tok=(--tokenizer "$OLDPWD/$wheels/minilm-fp16")
+  python3 -m optimum_disc.cli benchmark --peers eager_fp32,eager_fp16,disc_fp32,disc_fp16,disc_bf16 \
+    --output bench "${tok[@]}" "$@" || status=1
+fi
+if [[ $mode == full ]]; then
+  tok=()
+  [ -d "$OLDPWD/$wheels/minilm-fp16" ] && tok=(--tokenizer "$OLDPWD/$wheels/minilm-fp16")
+  python3 -m optimum_disc.cli benchmark --output bench-full "${tok[@]}" "$@" || status=1
+fi
+exit $status
