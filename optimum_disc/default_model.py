@@ -415,7 +415,9 @@ def _check_end_to_end(model, tokenizer, texts, expected: torch.Tensor) -> None:
     """The full model on a few texts gives the logits the fit computed from the features."""
     if not texts:
         return
-    batch = tokenizer(texts, truncation=True, max_length=MAX_LENGTH, padding=True, return_tensors="pt")
+    batch = tokenizer(
+        texts, truncation=True, max_length=MAX_LENGTH, padding=True, return_tensors="pt"
+    )
     with torch.no_grad():
         logits = model(**batch).logits
     if not torch.allclose(logits, expected, atol=1e-3, rtol=1e-3):

@@ -10,10 +10,10 @@ kind. ``result.save(folder)`` writes ``results.json``, ``predictions.csv`` and `
 Example:
     >>> from optimum_disc import DiscModelForSequenceClassification  # doctest: +SKIP
     >>> from optimum_disc.evaluation import evaluate_model  # doctest: +SKIP
-    >>> model = DiscModelForSequenceClassification.from_pretrained(path, export=True)  # doctest: +SKIP
-    >>> reference = transformers.AutoModelForSequenceClassification.from_pretrained(path)  # doctest: +SKIP
+    >>> model = DiscModelForSequenceClassification.from_pretrained(  # doctest: +SKIP
+    ...     path, export=True)
     >>> result = evaluate_model(model, model.tokenizer, "movie-reviews",  # doctest: +SKIP
-    ...                         reference_model=reference.to(model.device))
+    ...                         reference_model=path)  # the checkpoint, loaded with transformers
     >>> print(result.summary())  # doctest: +SKIP
 
 The ``evaluate`` library works too: :func:`text_classification_evaluator` returns
@@ -102,7 +102,13 @@ def latency_summary(seconds: Sequence[float]) -> dict[str, float]:
     """``p50``, ``p90``, ``p99``, ``mean`` and ``max`` of per-call times, in milliseconds."""
     ms = np.asarray(seconds, dtype=np.float64) * 1e3
     if ms.size == 0:
-        return {"p50": math.nan, "p90": math.nan, "p99": math.nan, "mean": math.nan, "max": math.nan}
+        return {
+            "p50": math.nan,
+            "p90": math.nan,
+            "p99": math.nan,
+            "mean": math.nan,
+            "max": math.nan,
+        }
     p50, p90, p99 = np.percentile(ms, [50, 90, 99])
     return {
         "p50": float(p50),
@@ -261,7 +267,7 @@ class EvaluationResult:
         if self.reference is not None:
             lines.append(
                 f"label agreement {100 * self.agreement:.2f}%, max |logit difference| "
-                f"{self.max_abs_logit_diff:.3g}, speed-up {self.speedup:.2f}x "
+                f"{self.max_abs_logit_diff:.3g}, speed-up {self.speedup:.3g}x "
                 f"({self.model.model_class} on {self.model.device} vs "
                 f"{self.reference.model_class} on {self.reference.device})"
             )
@@ -293,7 +299,9 @@ class EvaluationResult:
                 plot_latencies(self, out / PLOT_NAME)
                 files["plot"] = str(out / PLOT_NAME)
             except ImportError:
-                logger.warning("matplotlib is not installed: no %s; pip install matplotlib", PLOT_NAME)
+                logger.warning(
+                    "matplotlib is not installed: no %s; pip install matplotlib", PLOT_NAME
+                )
         self.files = files
         tmp = out / f".{RESULTS_NAME}.tmp"
         tmp.write_text(json.dumps(_json_safe(self.to_dict()), indent=2) + "\n")
@@ -583,8 +591,7 @@ class LabelResolver:
         if self.mapping is not None:
             keys = [value, str(value)]
             if self.class_names is not None and isinstance(value, int):
-                if 0 <= value < len(self.class_names):
-                    keys.append(self.class_names[value])
+                keys += self.class_names[value : value + 1] if value >= 0 else []
             for key in keys:
                 with contextlib.suppress(TypeError):
                     if key in self.mapping:
@@ -820,9 +827,12 @@ def evaluate_model(
             if kind is None:
                 targets[i] = label_id
                 continue
-            if kind == "unknown_label" and len(unknown_values) < LISTED_ROWS:
-                if repr(value) not in map(repr, unknown_values):
-                    unknown_values.append(value)
+            if (
+                kind == "unknown_label"
+                and len(unknown_values) < LISTED_ROWS
+                and repr(value) not in map(repr, unknown_values)
+            ):
+                unknown_values.append(value)
         bad.setdefault(kind, []).append(i)
     good = [i for i in range(n_rows) if targets[i] >= 0]
     if not good:
@@ -840,9 +850,7 @@ def evaluate_model(
     if sort_by_length:
         positions.sort(key=lambda p: -batches_data.lengths[p])
     batches = [positions[s : s + batch_size] for s in range(0, len(positions), batch_size)]
-    reference_device = (
-        _device_of(reference_model) if reference_model is not None else None
-    )
+    reference_device = _device_of(reference_model) if reference_model is not None else None
     runs = [("model", model, model_device)]
     if reference_model is not None:
         runs.append(("reference", reference_model, reference_device))
@@ -887,7 +895,9 @@ def evaluate_model(
         else:
             kept.append(p)
     if not kept:
-        raise ValueError(f"no row has a label below the model's {width} logits; pass label_mapping.")
+        raise ValueError(
+            f"no row has a label below the model's {width} logits; pass label_mapping."
+        )
     if len(kept) < len(good):
         for name in stacked:
             stacked[name] = stacked[name][kept]
@@ -1002,8 +1012,9 @@ def classification_metric(**kwargs):
     """An ``evaluate`` metric of ``accuracy`` and ``macro_f1`` that needs no download.
 
     ``evaluate.load("accuracy")`` fetches the metric's script from the Hugging Face Hub; this
-    one is defined here, so it works offline. Keyword arguments go to ``evaluate.Metric``
-    (by default it keeps its data in memory, writing nothing under ``~/.cache``).
+    one is defined here, so it works offline. Keyword arguments go to ``evaluate.Metric``;
+    by default it keeps its data in memory (``evaluate`` still makes an empty folder for it in
+    its metrics cache, ``cache_dir``).
 
     Example:
         >>> from optimum_disc.evaluation import classification_metric
@@ -1051,9 +1062,11 @@ def text_classification_evaluator():
 
     Example:
         >>> from optimum_disc.evaluation import classification_metric  # doctest: +SKIP
-        >>> pipe = transformers.pipeline("text-classification", model=model, tokenizer=tok)  # doctest: +SKIP
-        >>> text_classification_evaluator().compute(model_or_pipeline=pipe, data=dataset,  # doctest: +SKIP
-        ...     metric=classification_metric(), label_mapping=model.config.label2id)
+        >>> pipe = transformers.pipeline(  # doctest: +SKIP
+        ...     "text-classification", model=model, tokenizer=tok)
+        >>> text_classification_evaluator().compute(  # doctest: +SKIP
+        ...     model_or_pipeline=pipe, data=dataset, metric=classification_metric(),
+        ...     label_mapping=model.config.label2id)
     """
     import evaluate
     import transformers
@@ -1061,7 +1074,9 @@ def text_classification_evaluator():
     task_evaluator = evaluate.evaluator("text-classification")
     original = task_evaluator.prepare_pipeline
 
-    def prepare_pipeline(model_or_pipeline=None, tokenizer=None, feature_extractor=None, device=None):
+    def prepare_pipeline(
+        model_or_pipeline=None, tokenizer=None, feature_extractor=None, device=None
+    ):
         if isinstance(model_or_pipeline, transformers.Pipeline):
             return model_or_pipeline
         if (

