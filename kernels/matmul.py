@@ -531,7 +531,12 @@ def tune(m: int, n: int, k: int, dtype: torch.dtype, device) -> GemmConfig:
     for cfg in candidate_configs(m, n, k, dtype):
         try:
             linear(x, w, out=y, config=cfg)
-            ms = do_bench(lambda cfg=cfg: linear(x, w, out=y, config=cfg), return_mode="median")
+            ms = do_bench(
+                lambda cfg=cfg: linear(x, w, out=y, config=cfg),
+                warmup=5,
+                rep=20,
+                return_mode="median",
+            )
         except (OutOfResources, CompilationError, RuntimeError) as e:
             errors.append(f"{cfg}: {type(e).__name__}")
             continue

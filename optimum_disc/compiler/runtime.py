@@ -10,6 +10,7 @@ pool. Outputs handed to the caller are fresh tensors, never overwritten by a lat
 
 from __future__ import annotations
 
+import functools
 import importlib
 import threading
 from collections import OrderedDict
@@ -40,9 +41,16 @@ class _Kernels:
     """Launchers of the program's kernels, imported on first use (they import Triton)."""
 
     def __init__(self):
-        from optimum_disc.kernels import attention, embedding, layernorm, matmul, pointwise
+        from optimum_disc.kernels import (
+            attention,
+            embedding,
+            layernorm,
+            matmul,
+            pointwise,
+            prologue,
+        )
 
-        self.attention, self.embedding = attention, embedding
+        self.attention, self.embedding, self.prologue = attention, embedding, prologue
         self.layernorm, self.matmul, self.pointwise = layernorm, matmul, pointwise
 
 
@@ -81,6 +89,7 @@ class CompiledModel:
         self._kernels = None
         self._lock = threading.Lock()
         self._graphs: OrderedDict = OrderedDict()
+        self._inputs: dict = {}
         self._pool = None
         self.to(device or next(iter(program.weights.values())).device)
 
@@ -102,6 +111,7 @@ class CompiledModel:
         self._weights = {k: v.to(device) for k, v in self.program.weights.items()}
         self.program.weights = self._weights
         self._graphs.clear()
+        self._inputs.clear()
         self._pool = None
         return self
 
@@ -182,53 +192,43 @@ class CompiledModel:
         move = lambda t: None if t is None else t.to(dev, non_blocking=True)  # noqa: E731
         return move(input_ids), move(attention_mask), move(token_type_ids)
 
-    def _statistics(self, ids, mask, types) -> list[int]:
-        """One device-to-host read: id ranges, real-token count, first-position validity."""
-        zero = ids.new_zeros(())
-        stats = [
-            ids.min(),
-            ids.max(),
-            types.min() if types is not None else zero,
-            types.max() if types is not None else zero,
-        ]
-        if mask is not None:
-            stats += [mask.sum(), mask[:, 0].min(), ((mask != 0) & (mask != 1)).sum()]
-        values = torch.stack([s.to(torch.long) for s in stats]).tolist()
+    def _check_statistics(self, stats: list[int], has_types: bool, has_mask: bool) -> None:
+        id_min, id_max, type_min, type_max, _, _, bad_mask = stats
         meta = self.program.meta
         vocab, types_n = meta["vocab_size"], max(meta.get("type_vocab_size", 1), 1)
-        if values[0] < 0 or values[1] >= vocab:
-            bad = values[0] if values[0] < 0 else values[1]
+        if id_min < 0 or id_max >= vocab:
+            bad = id_min if id_min < 0 else id_max
             raise ValueError(
                 f"input_ids holds token id {bad}, outside the vocabulary [0, {vocab}); use the "
                 "tokenizer that belongs to this model."
             )
-        if types is not None and (values[2] < 0 or values[3] >= types_n):
-            bad = values[2] if values[2] < 0 else values[3]
+        if has_types and (type_min < 0 or type_max >= types_n):
+            bad = type_min if type_min < 0 else type_max
             raise ValueError(
                 f"token_type_ids holds {bad}, outside [0, {types_n}) (type_vocab_size)."
             )
-        if mask is not None and values[6]:
+        if has_mask and bad_mask:
             raise ValueError("attention_mask must hold only 0 and 1.")
-        if mask is None:
-            return [ids.numel(), 1]
-        return values[4:6]
 
     # -- execution --------------------------------------------------------------------------
 
     def _run(self, ids, mask, types):
-        real_tokens, first_valid = self._statistics(ids, mask, types)
         batch, seq = ids.shape
+        graphs = self.settings.cuda_graphs and self.device.type == "cuda"
+        if graphs:
+            max_pos = self.program.meta["max_position_embeddings"]
+            b_pad, s_pad = _bucket(batch, 1), min(_bucket(seq, 16), max_pos)
+        else:
+            b_pad, s_pad = batch, seq
+        inputs = self._input_buffers(b_pad, s_pad)
+        # One launch fills the bucket's input buffers and computes the statistics; reading
+        # them is the call's one wait for the GPU.
+        stats = self._kernels.prologue.prepare_inputs(ids, mask, types, inputs).tolist()
+        self._check_statistics(stats[:7], types is not None, mask is not None)
+        real_tokens, first_valid = stats[4], stats[5]
         # Removing padding is exact for every output that reads real tokens only; the first-token
         # pooling reads position 0, so a batch whose position 0 is padding keeps its padding.
         remove = self.settings.remove_padding and bool(first_valid)
-        graphs = self.settings.cuda_graphs and self.device.type == "cuda"
-        if graphs:
-            b_pad, s_pad = (
-                _bucket(batch, 1),
-                min(_bucket(seq, 16), self.program.meta["max_position_embeddings"]),
-            )
-        else:
-            b_pad, s_pad = batch, seq
         rows = _bucket(real_tokens, 64) if (remove and graphs) else real_tokens
         rows = min(rows, b_pad * s_pad) if remove else b_pad * s_pad
         key = (remove, b_pad, s_pad, rows)
@@ -236,74 +236,78 @@ class CompiledModel:
         if graphs:
             entry = self._graphs.get(key)
             if entry is None:
-                entry = self._capture(key)
+                entry = self._capture(key, inputs)
             else:
                 self._graphs.move_to_end(key)
             static, outs, graph = entry
-            self._prologue(static, ids, mask, types, remove)
             graph.replay()
         else:
-            static = self._static_inputs(key)
-            self._prologue(static, ids, mask, types, remove)
+            static = self._static_inputs(key, inputs)
+            self._derive(static)
             outs = self._execute(static)
         return self._epilogue(outs, static, batch, seq, real_tokens, remove)
 
-    def _static_inputs(self, key) -> dict:
+    def _input_buffers(self, b_pad: int, s_pad: int):
+        if self._kernels is None:
+            self._kernels = _Kernels()
+        found = self._inputs.get((b_pad, s_pad))
+        if found is None:
+            found = self._kernels.prologue.InputBuffers(b_pad, s_pad, self.device)
+            if self.settings.cuda_graphs and self.device.type == "cuda":
+                self._inputs[(b_pad, s_pad)] = found
+        return found
+
+    def _static_inputs(self, key, inputs) -> dict:
+        """The buffers a bucket's kernel calls read. With padding kept they are constants of
+        the bucket (and a view of the mask); with padding removed ``_derive`` fills them."""
         remove, b_pad, s_pad, rows = key
         dev = self.device
-        return {
+        static = {
             "shape": (b_pad, s_pad, rows),
-            "input_ids": torch.zeros(b_pad, s_pad, dtype=torch.long, device=dev),
-            "token_type_ids": torch.zeros(b_pad, s_pad, dtype=torch.long, device=dev),
-            "mask": torch.zeros(b_pad, s_pad, dtype=torch.long, device=dev),
-            "rows": torch.zeros(rows, dtype=torch.long, device=dev),
-            "cu_seqlens": torch.zeros(b_pad + 1, dtype=torch.int32, device=dev),
-            "first_rows": torch.zeros(b_pad, dtype=torch.long, device=dev),
-            "key_valid": None if remove else torch.zeros(rows, dtype=torch.int8, device=dev),
+            "input_ids": inputs.ids,
+            "token_type_ids": inputs.types,
+            "mask": inputs.mask,
+            "key_valid": None if remove else inputs.mask.view(-1),
         }
-
-    def _prologue(self, static, ids, mask, types, remove):
-        """Fill the static inputs of a bucket from this call's inputs (GPU work only)."""
-        b_pad, s_pad, rows = static["shape"]
-        batch, seq = ids.shape
-        m = static["mask"]
-        m.zero_()
-        if mask is None:
-            m[:batch, :seq] = 1
-        else:
-            m[:batch, :seq] = mask
-        static["input_ids"].zero_()
-        static["input_ids"][:batch, :seq] = ids
-        static["token_type_ids"].zero_()
-        if types is not None:
-            static["token_type_ids"][:batch, :seq] = types
-        flat = m.view(-1)
         if remove:
-            # A stable sort puts the real tokens first, in order; the rows past them (bucket
-            # padding) point at valid positions and belong to no sequence.
-            order = torch.argsort((flat == 0).to(torch.int8), stable=True)
-            static["rows"].copy_(order[:rows])
-            lengths = m.sum(1)
+            static["rows"] = torch.zeros(rows, dtype=torch.long, device=dev)
+            static["cu_seqlens"] = torch.zeros(b_pad + 1, dtype=torch.int32, device=dev)
+            static["first_rows"] = torch.zeros(b_pad, dtype=torch.long, device=dev)
         else:
-            torch.arange(rows, device=m.device, out=static["rows"])
-            static["key_valid"].copy_(flat)
-            lengths = torch.full((b_pad,), s_pad, device=m.device, dtype=torch.long)
+            static["rows"] = torch.arange(rows, device=dev)
+            starts = torch.arange(b_pad + 1, device=dev) * s_pad
+            static["cu_seqlens"] = starts.to(torch.int32)
+            static["first_rows"] = starts[:-1].clone()
+        return static
+
+    @staticmethod
+    def _derive(static) -> None:
+        """Rows of the real tokens and sequence boundaries, from the bucket's mask (GPU work
+        only, so it is part of the captured graph)."""
+        if static["key_valid"] is not None:
+            return
+        rows = static["shape"][2]
+        m = static["mask"]
+        # A stable sort puts the real tokens first, in order; the rows past them (bucket
+        # padding) point at valid positions and belong to no sequence.
+        order = torch.argsort((m.view(-1) == 0).to(torch.int8), stable=True)
+        static["rows"].copy_(order[:rows])
         cu = static["cu_seqlens"]
         cu[0] = 0
-        torch.cumsum(lengths, 0, out=cu[1:])
+        torch.cumsum(m.sum(1), 0, out=cu[1:])
         static["first_rows"].copy_(cu[:-1].clamp(max=rows - 1))
 
-    def _capture(self, key):
-        static = self._static_inputs(key)
+    def _capture(self, key, inputs):
+        static = self._static_inputs(key, inputs)
         # The first run compiles the Triton kernels and tunes GEMMs; neither may be captured.
-        self._prologue(static, static["input_ids"][:1, :1], None, None, key[0])
-        torch.cuda.synchronize(self.device)
+        self._derive(static)
         self._execute(static)
         torch.cuda.synchronize(self.device)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
+            self._derive(static)
             outs = self._execute(static)
         entry = (static, outs, graph)
         self._graphs[key] = entry
@@ -368,17 +372,34 @@ class CompiledModel:
     # -- GEMM block shapes ------------------------------------------------------------------
 
     def gemm_config(self, m: int, n: int, k: int, dtype: torch.dtype):
+        """Block shapes of one GEMM: saved with the program per GPU model and shape bucket, so
+        an artifact loaded on another GPU tunes (or takes the defaults) afresh."""
         mm = self._kernels.matmul
-        key = f"{n}x{k}:{str(dtype).removeprefix('torch.')}:m{mm.m_bucket(m)}"
-        found = self.program.tuning.get(key)
+        key = f"{_device_name(self.device)}|{n}x{k}:{str(dtype).removeprefix('torch.')}"
+        key += f":m{mm.m_bucket(m)}"
+        found = self.program.tuning.get(key) or _TUNED.get(key)
         if found is not None:
+            self.program.tuning[key] = found
             return mm.GemmConfig.from_dict(found)
         capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         if self.settings.autotune and self.device.type == "cuda" and not capturing:
             config = mm.tune(m, n, k, dtype, self.device)
-            self.program.tuning[key] = config.to_dict()
+            self.program.tuning[key] = _TUNED[key] = config.to_dict()
             return config
         return mm.default_config(m, n, k, dtype)
+
+
+# Tuned GEMM configs of this process, shared by every model (a second precision or a second
+# model with the same shapes does not tune again).
+_TUNED: dict[str, dict] = {}
+
+
+@functools.lru_cache(maxsize=None)
+def _device_name(device: torch.device) -> str:
+    if device.type != "cuda":
+        return device.type
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{torch.cuda.get_device_name(device)} sm{major}{minor}"
 
 
 def _launch_linear(model, a, attrs, out, seq):

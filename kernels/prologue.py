@@ -1,0 +1,215 @@
+"""Input preparation: the caller's ids, mask and segment ids copied into the padded buffers of a
+shape bucket, with the statistics the runtime checks, in one launch.
+
+Every call needs the id ranges (to refuse ids outside the vocabulary with a clear error instead
+of a device-side fault) and the number of real tokens (to pick the bucket of rows), so it has to
+read a few numbers back to the host. One launch computes them while it copies: each program
+handles one row of the batch and writes its partial statistics; the last program to finish
+(counted with an atomic ticket) reduces them into seven numbers.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Order of the statistics in the result. ``first_min`` is min(1, attention_mask[:, 0]): 1 when
+# position 0 is a real token in every sequence.
+STATS = ("id_min", "id_max", "type_min", "type_max", "real_tokens", "first_min", "bad_mask")
+_BIG = 2**62
+
+
+@triton.jit
+def _prepare_inputs_kernel(
+    ids_ptr,
+    mask_ptr,
+    types_ptr,
+    B,
+    S,
+    stride_ids_b,
+    stride_ids_s,
+    stride_mask_b,
+    stride_mask_s,
+    stride_types_b,
+    stride_types_s,
+    out_ids_ptr,
+    out_mask_ptr,
+    out_types_ptr,
+    S_PAD,
+    partial_ptr,
+    ticket_ptr,
+    stats_ptr,
+    NPROG,
+    HAS_MASK: tl.constexpr,
+    HAS_TYPES: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    b = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_S)
+    in_row = b < B
+    valid = cols < tl.where(in_row, S, 0)
+    ids = tl.load(ids_ptr + b * stride_ids_b + cols * stride_ids_s, mask=valid, other=0)
+    ids = ids.to(tl.int64)
+    if HAS_MASK:
+        m = tl.load(mask_ptr + b * stride_mask_b + cols * stride_mask_s, mask=valid, other=0)
+        m = m.to(tl.int64)
+    else:
+        m = valid.to(tl.int64)
+    if HAS_TYPES:
+        t = tl.load(types_ptr + b * stride_types_b + cols * stride_types_s, mask=valid, other=0)
+        t = t.to(tl.int64)
+    else:
+        t = tl.zeros([BLOCK_S], tl.int64)
+    inside = cols < S_PAD
+    tl.store(out_ids_ptr + b * S_PAD + cols, ids, mask=inside)
+    tl.store(out_mask_ptr + b * S_PAD + cols, m, mask=inside)
+    tl.store(out_types_ptr + b * S_PAD + cols, t, mask=inside)
+
+    big = tl.full([BLOCK_S], _BIG, tl.int64)
+    first = tl.sum(tl.where(cols == 0, m, 0), axis=0)
+    first = tl.where(in_row, first, 1)
+    bad = tl.sum((valid & (m != 0) & (m != 1)).to(tl.int64), axis=0)
+    row = partial_ptr + b * 8
+    tl.store(row + 0, tl.min(tl.where(valid, ids, big), axis=0))
+    tl.store(row + 1, tl.max(tl.where(valid, ids, -big), axis=0))
+    tl.store(row + 2, tl.min(tl.where(valid, t, big), axis=0))
+    tl.store(row + 3, tl.max(tl.where(valid, t, -big), axis=0))
+    tl.store(row + 4, tl.sum(tl.where(valid, m, 0), axis=0))
+    tl.store(row + 5, first)
+    tl.store(row + 6, bad)
+
+    # The last program to take a ticket sees every partial (acquire/release ordering of the
+    # atomic) and reduces them; it resets the ticket for the next launch.
+    ticket = tl.atomic_add(ticket_ptr, 1)
+    if ticket == NPROG - 1:
+        acc_min_id = tl.full([BLOCK_R], _BIG, tl.int64)
+        acc_max_id = tl.full([BLOCK_R], -_BIG, tl.int64)
+        acc_min_t = tl.full([BLOCK_R], _BIG, tl.int64)
+        acc_max_t = tl.full([BLOCK_R], -_BIG, tl.int64)
+        acc_sum = tl.zeros([BLOCK_R], tl.int64)
+        acc_first = tl.full([BLOCK_R], 1, tl.int64)
+        acc_bad = tl.zeros([BLOCK_R], tl.int64)
+        for start in range(0, NPROG, BLOCK_R):
+            r = start + tl.arange(0, BLOCK_R)
+            ok = r < NPROG
+            p = partial_ptr + r * 8
+            acc_min_id = tl.minimum(
+                acc_min_id, tl.load(p + 0, mask=ok, other=_BIG, cache_modifier=".cg")
+            )
+            acc_max_id = tl.maximum(
+                acc_max_id, tl.load(p + 1, mask=ok, other=-_BIG, cache_modifier=".cg")
+            )
+            acc_min_t = tl.minimum(
+                acc_min_t, tl.load(p + 2, mask=ok, other=_BIG, cache_modifier=".cg")
+            )
+            acc_max_t = tl.maximum(
+                acc_max_t, tl.load(p + 3, mask=ok, other=-_BIG, cache_modifier=".cg")
+            )
+            acc_sum += tl.load(p + 4, mask=ok, other=0, cache_modifier=".cg")
+            acc_first = tl.minimum(
+                acc_first, tl.load(p + 5, mask=ok, other=1, cache_modifier=".cg")
+            )
+            acc_bad += tl.load(p + 6, mask=ok, other=0, cache_modifier=".cg")
+        tl.store(stats_ptr + 0, tl.min(acc_min_id, axis=0))
+        tl.store(stats_ptr + 1, tl.max(acc_max_id, axis=0))
+        tl.store(stats_ptr + 2, tl.min(acc_min_t, axis=0))
+        tl.store(stats_ptr + 3, tl.max(acc_max_t, axis=0))
+        tl.store(stats_ptr + 4, tl.sum(acc_sum, axis=0))
+        tl.store(stats_ptr + 5, tl.min(acc_first, axis=0))
+        tl.store(stats_ptr + 6, tl.sum(acc_bad, axis=0))
+        tl.atomic_xchg(ticket_ptr, 0)
+
+
+class InputBuffers:
+    """The padded ``[b_pad, s_pad]`` int64 buffers of one shape bucket and the scratch of the
+    statistics (the ticket starts at zero and is left at zero by every launch)."""
+
+    def __init__(self, b_pad: int, s_pad: int, device):
+        self.b_pad, self.s_pad = b_pad, s_pad
+        z = lambda *shape: torch.zeros(*shape, dtype=torch.int64, device=device)  # noqa: E731
+        self.ids, self.mask, self.types = z(b_pad, s_pad), z(b_pad, s_pad), z(b_pad, s_pad)
+        self.partial, self.stats = z(b_pad, 8), z(8)
+        self.ticket = torch.zeros(1, dtype=torch.int32, device=device)
+
+
+def prepare_inputs(
+    input_ids, attention_mask, token_type_ids, buffers: InputBuffers
+) -> torch.Tensor:
+    """Copy ``[B, S]`` inputs into ``buffers`` (zeros past B and S) and return the seven
+    statistics of ``STATS`` as an int64 tensor on the device.
+
+    >>> import torch
+    >>> buf = InputBuffers(4, 16, "cpu")
+    >>> ids = torch.tensor([[5, 6, 7], [8, 9, 0]])
+    >>> mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    >>> prepare_inputs(ids, mask, None, buf)[:5].tolist()
+    [0, 9, 0, 0, 5]
+    """
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}; expected [batch, seq].")
+    b, s = input_ids.shape
+    if b > buffers.b_pad or s > buffers.s_pad:
+        raise ValueError(f"inputs [{b}, {s}] do not fit buffers {buffers.b_pad}x{buffers.s_pad}")
+    for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
+        if t is not None and t.shape != input_ids.shape:
+            raise ValueError(
+                f"{name} has shape {tuple(t.shape)}, input_ids {tuple(input_ids.shape)}"
+            )
+    mask = attention_mask if attention_mask is not None else input_ids
+    types = token_type_ids if token_type_ids is not None else input_ids
+    block_s = max(16, triton.next_power_of_2(buffers.s_pad))
+    _prepare_inputs_kernel[(buffers.b_pad,)](
+        input_ids,
+        mask,
+        types,
+        b,
+        s,
+        input_ids.stride(0),
+        input_ids.stride(1),
+        mask.stride(0),
+        mask.stride(1),
+        types.stride(0),
+        types.stride(1),
+        buffers.ids,
+        buffers.mask,
+        buffers.types,
+        buffers.s_pad,
+        buffers.partial,
+        buffers.ticket,
+        buffers.stats,
+        buffers.b_pad,
+        HAS_MASK=attention_mask is not None,
+        HAS_TYPES=token_type_ids is not None,
+        BLOCK_S=block_s,
+        BLOCK_R=256,
+        num_warps=4 if block_s <= 1024 else 8,
+    )
+    return buffers.stats
+
+
+def prepare_inputs_reference(input_ids, attention_mask, token_type_ids, b_pad, s_pad):
+    """(ids, mask, types, stats) as ``prepare_inputs`` computes them, with torch ops."""
+    b, s = input_ids.shape
+    dev = input_ids.device
+    mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+    types = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
+    out = []
+    for t in (input_ids, mask, types):
+        padded = torch.zeros(b_pad, s_pad, dtype=torch.int64, device=dev)
+        padded[:b, :s] = t
+        out.append(padded)
+    bad = ((mask != 0) & (mask != 1)).sum()
+    stats = torch.stack(
+        [
+            input_ids.min(),
+            input_ids.max(),
+            types.min(),
+            types.max(),
+            mask.sum(),
+            mask[:, 0].min().clamp(max=1),
+            bad,
+        ]
+    ).to(torch.int64)
+    return (*out, stats)

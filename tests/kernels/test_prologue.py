@@ -1,0 +1,52 @@
+"""The input-preparation kernel against its PyTorch reference: padded copies and statistics."""
+
+import pytest
+import torch
+
+from optimum_disc.kernels.prologue import InputBuffers, prepare_inputs, prepare_inputs_reference
+
+
+@pytest.mark.parametrize(
+    "batch,seq,b_pad,s_pad",
+    [(1, 1, 1, 1), (2, 3, 4, 16), (5, 9, 8, 16), (33, 7, 40, 8), (3, 129, 4, 144)],
+)
+@pytest.mark.parametrize("with_mask,with_types", [(True, True), (False, False), (True, False)])
+def test_prepare_inputs_matches_reference(
+    batch, seq, b_pad, s_pad, with_mask, with_types, device, seed
+):
+    ids = torch.randint(-5, 100, (batch, seq), device=device)
+    mask = torch.randint(0, 3, (batch, seq), device=device) if with_mask else None
+    types = torch.randint(-1, 3, (batch, seq), device=device) if with_types else None
+    buffers = InputBuffers(b_pad, s_pad, device)
+    # Stale values from an earlier, larger call must not survive past B and S.
+    for t in (buffers.ids, buffers.mask, buffers.types):
+        t.fill_(7)
+    for _ in range(2):  # the ticket must be left at zero for the next launch
+        stats = prepare_inputs(ids, mask, types, buffers)
+        ref_ids, ref_mask, ref_types, ref_stats = prepare_inputs_reference(
+            ids, mask, types, b_pad, s_pad
+        )
+        assert stats[:7].tolist() == ref_stats.tolist(), f"seed {seed}"
+        assert torch.equal(buffers.ids, ref_ids), f"seed {seed}"
+        assert torch.equal(buffers.mask, ref_mask), f"seed {seed}"
+        assert torch.equal(buffers.types, ref_types), f"seed {seed}"
+        assert buffers.ticket.item() == 0
+
+
+def test_strided_inputs(device, seed):
+    wide = torch.randint(0, 50, (4, 20), device=device)
+    ids = wide[:, ::2]
+    buffers = InputBuffers(4, 16, device)
+    stats = prepare_inputs(ids, None, None, buffers)
+    ref = prepare_inputs_reference(ids, None, None, 4, 16)
+    assert torch.equal(buffers.ids, ref[0]) and stats[:7].tolist() == ref[3].tolist()
+
+
+def test_refuses_inputs_larger_than_the_buffers(device):
+    with pytest.raises(ValueError, match="do not fit"):
+        prepare_inputs(
+            torch.zeros(3, 5, dtype=torch.long, device=device),
+            None,
+            None,
+            InputBuffers(2, 8, device),
+        )
