@@ -6,9 +6,10 @@
 # uncased BERT vocabulary at WHEELS/minilm-fp16 is used for the dataset pass when present.
 # Prints a short table last.
 #
-#   bash scripts/gpu_check.sh [tests|bench|full|all] [extra benchmark options...]
+#   bash scripts/gpu_check.sh [install|tests|bench|full|all] [extra benchmark options...]
 #
-# tests: pytest on the GPU (kernels, compiler, Hugging Face integration)
+# install: only install the wheels (into /tmp/optimum-disc-site, put on PYTHONPATH)
+# tests: pytest on the GPU (kernels, compiler, Hugging Face integration); TESTS overrides which
 # bench: our three precisions against eager PyTorch, every shape, and the dataset pass
 # full:  every peer, torch.compile included (slow: each peer compiles each shape)
 set -uo pipefail
@@ -35,8 +36,9 @@ PY
 
 status=0
 if [[ $mode == tests || $mode == all ]]; then
+  read -r -a targets <<<"${TESTS:-tests/kernels tests/compiler tests/hf/test_gpu.py}"
   python3 -m pytest -p no:cacheprovider --import-mode=importlib -q -x --timeout=900 \
-    --rootdir "$OLDPWD" "$OLDPWD/tests/kernels" "$OLDPWD/tests/compiler" 2>&1 | tail -n 25
+    --rootdir "$OLDPWD" "${targets[@]/#/$OLDPWD/}" 2>&1 | tail -n 25
   status=${PIPESTATUS[0]}
 fi
 if [[ $mode == bench || $mode == all ]]; then
