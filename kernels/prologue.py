@@ -17,7 +17,7 @@ import triton.language as tl
 # Order of the statistics in the result. ``first_min`` is min(1, attention_mask[:, 0]): 1 when
 # position 0 is a real token in every sequence.
 STATS = ("id_min", "id_max", "type_min", "type_max", "real_tokens", "first_min", "bad_mask")
-_BIG = 2**62
+_BIG = tl.constexpr(2**62)
 
 
 @triton.jit

@@ -20,8 +20,10 @@ from . import ops
 from .capture import capture
 from .graph import Graph
 from .lower import UnsupportedGraph, lower
+from .passes.activations import recognise_gelu
 from .passes.attention import fuse_attention
 from .passes.cleanup import drop_noops
+from .passes.columns import split_columns
 from .passes.embeddings import fuse_embeddings
 from .passes.gemm_epilogue import fuse_gemm_epilogue
 from .passes.key_padding_mask import key_padding_mask
@@ -29,6 +31,7 @@ from .passes.layer_norm import fuse_layer_norm
 from .passes.merge_qkv import merge_qkv
 from .passes.pointwise import fuse_pointwise
 from .passes.pooler import fuse_first_token
+from .passes.positions import padded_positions
 from .passes.precision import apply_precision
 from .program import Program
 from .runtime import CompiledModel
@@ -37,14 +40,18 @@ __all__ = ["optimize", "CompiledModel", "Program", "UnsupportedGraph", "PASSES",
 
 logger = logging.getLogger(__name__)
 
-# Order matters: attention is matched before its projections merge, and the GEMM epilogue takes
-# residual adds before LayerNorm fusion looks for them.
+# Order matters: attention is matched before its projections merge, the GEMM epilogue takes
+# residual adds before LayerNorm fusion looks for them, and column splits of a GEMM's output
+# need the fused GEMM.
 PASSES = (
     drop_noops,
     key_padding_mask,
+    padded_positions,
     fuse_attention,
     merge_qkv,
+    recognise_gelu,
     fuse_gemm_epilogue,
+    split_columns,
     fuse_layer_norm,
     fuse_embeddings,
     fuse_first_token,

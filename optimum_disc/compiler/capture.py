@@ -14,12 +14,26 @@ import warnings
 import torch
 
 from .graph import Graph
+from .lower import unsupported
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 
 
+def _meta(model: torch.nn.Module) -> dict:
+    return {
+        "model_class": type(model).__name__,
+        "model_type": getattr(model.config, "model_type", ""),
+    }
+
+
 def model_inputs(model: torch.nn.Module) -> list[str]:
     """The inputs the compiled program takes, in the order of the model's forward."""
+    if type(model).__name__.endswith("ForMultipleChoice"):
+        raise unsupported(
+            _meta(model),
+            "multiple-choice heads take [batch, choices, seq] inputs and the compiled program "
+            "takes [batch, seq]; compile the base model and score the choices from its outputs.",
+        )
     params = inspect.signature(model.forward).parameters
     names = [n for n in INPUT_NAMES if n in params]
     if "input_ids" not in names:
@@ -89,9 +103,10 @@ def capture(model: torch.nn.Module, inputs: dict[str, torch.Tensor] | None = Non
     fields = [k for k, v in reference.items() if v is not None]
     outputs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     if len(outputs) != len(fields):
-        raise RuntimeError(
+        raise unsupported(
+            _meta(model),
             f"the exported graph returns {len(outputs)} values but the model's output has fields "
-            f"{fields}; this model is not supported yet."
+            f"{fields}.",
         )
     cls = type(reference)
     return Graph(
@@ -102,9 +117,9 @@ def capture(model: torch.nn.Module, inputs: dict[str, torch.Tensor] | None = Non
         output_fields=fields,
         output_class=f"{cls.__module__}.{cls.__qualname__}",
         meta={
-            "model_class": type(model).__name__,
-            "model_type": getattr(model.config, "model_type", ""),
+            **_meta(model),
             "vocab_size": model.config.vocab_size,
+            "pad_token_id": getattr(model.config, "pad_token_id", None),
             "max_position_embeddings": max_seq,
             "type_vocab_size": getattr(model.config, "type_vocab_size", 0),
         },

@@ -20,6 +20,90 @@ class UnsupportedGraph(ValueError):
     """The graph holds operations that optimum-disc has no kernel or rule for."""
 
 
+# The graph decides what compiles: a model of another type compiles if its graph matches the
+# passes, and one of a listed type with an unusual configuration may not. These tables only
+# name architectures in messages (docs/models.md has the heads and precisions of each).
+ARCHITECTURES = {
+    "bert": "BERT",
+    "distilbert": "DistilBERT",
+    "electra": "ELECTRA",
+    "albert": "ALBERT",
+    "roberta": "RoBERTa",
+    "xlm-roberta": "XLM-RoBERTa",
+    "camembert": "CamemBERT",
+}
+"""transformers ``model_type`` -> name, of the architectures whose graphs compile."""
+
+_ARCHITECTURE_NEEDS = {
+    "roberta": {"padded_positions"},
+    "xlm-roberta": {"padded_positions"},
+    "camembert": {"padded_positions"},
+}
+
+NOT_SUPPORTED = {
+    "mpnet": (
+        "MPNet adds a relative position bias (one learned value per head and bucket of j - i) "
+        "to the attention scores, and the attention kernel takes no bias."
+    ),
+    "deberta": (
+        "DeBERTa's disentangled attention adds content-to-position and position-to-content "
+        "scores gathered from relative position embeddings, which the attention kernel does not "
+        "compute."
+    ),
+    "deberta-v2": (
+        "DeBERTa-v2/v3's disentangled attention adds content-to-position and "
+        "position-to-content scores gathered from relative position embeddings, which the "
+        "attention kernel does not compute."
+    ),
+    "modernbert": (
+        "ModernBERT rotates queries and keys by rotary position embeddings and uses "
+        "sliding-window (local) attention in most layers; the kernels do neither."
+    ),
+}
+"""Known architectures that do not compile, and the kernel features they would need."""
+
+RUNTIME_FEATURES = {
+    "scalar_rows": "outputs of one value per token or per sequence",
+    "padded_positions": (
+        "refusing inputs whose RoBERTa-style positions differ from s + padding_idx + 1 "
+        "(left padding, padding tokens inside a sequence)"
+    ),
+}
+"""Features some programs need from the runtime, which lists those it has in ``FEATURES``."""
+
+
+def runtime_features() -> frozenset[str]:
+    """The features of ``RUNTIME_FEATURES`` that this runtime declares (``runtime.FEATURES``)."""
+    from . import runtime
+
+    return frozenset(getattr(runtime, "FEATURES", ()))
+
+
+def supported_architectures(features: frozenset[str] | None = None) -> list[str]:
+    """Names of the architectures that compile with this runtime."""
+    features = runtime_features() if features is None else features
+    return [
+        name
+        for kind, name in ARCHITECTURES.items()
+        if _ARCHITECTURE_NEEDS.get(kind, set()) <= features
+    ]
+
+
+def unsupported(meta: dict, problem: str) -> UnsupportedGraph:
+    """The error for a model that does not compile: what, why, and what does compile."""
+    model, kind = meta.get("model_class", "the model"), meta.get("model_type") or "?"
+    lines = [f"{model} (model_type {kind!r}) cannot be compiled: {problem}"]
+    if kind in NOT_SUPPORTED:
+        lines.append(NOT_SUPPORTED[kind])
+    lines.append(
+        f"optimum-disc compiles {', '.join(supported_architectures())} encoders "
+        "(docs/models.md lists their heads and precisions, and what is not supported)."
+    )
+    if kind not in NOT_SUPPORTED and kind not in ARCHITECTURES:
+        lines.append("Please open an issue with this message.")
+    return UnsupportedGraph("\n".join(lines))
+
+
 def _describe(node: fx.Node) -> str:
     target = getattr(node.target, "__name__", str(node.target))
     return (
@@ -27,21 +111,28 @@ def _describe(node: fx.Node) -> str:
     )
 
 
+_SQUEEZES = (torch.ops.aten.squeeze.dim, torch.ops.aten.squeeze.dims)
+
+
 def lower(g: Graph) -> Program:
     ids = g.input_node("input_ids")
     if ids is None:
-        raise UnsupportedGraph("the graph has no input_ids")
+        raise unsupported(g.meta, "the graph has no input_ids")
     batch_sym, seq_sym = tensor_shape(ids)[:2]
 
     def layout(node) -> tuple[str, list[int]]:
         shape = tensor_shape(node)
         if shape is None:
-            raise UnsupportedGraph(f"no shape known for {node.name}")
+            raise unsupported(g.meta, f"no shape known for {node.name}")
         if len(shape) >= 2 and shape[:2] == [batch_sym, seq_sym]:
             return "tokens", [int(s) for s in shape[2:]]
         if len(shape) >= 1 and shape[0] == batch_sym:
             return "batch", [int(s) for s in shape[1:]]
-        raise UnsupportedGraph(f"{node.name} has shape {shape}, neither [B, S, ...] nor [B, ...]")
+        raise unsupported(
+            g.meta,
+            f"{_describe(node)} has shape {shape}, neither [B, S, ...] nor [B, ...]: a value "
+            "that no kernel computes (such as an attention bias over [S, S]).",
+        )
 
     weights: dict[str, torch.Tensor] = {}
     refs: dict[fx.Node, str] = {}
@@ -57,12 +148,25 @@ def lower(g: Graph) -> Program:
         if a is None:
             return None
         if a not in refs:
-            raise UnsupportedGraph(f"{a.name} is read before any kernel computes it")
+            raise unsupported(g.meta, f"{a.name} is read before any kernel computes it")
         return refs[a]
 
     calls: list[Call] = []
     buffers: dict[str, Buffer] = {}
-    unsupported = []
+    unmatched = []
+    requires: dict[str, str] = {}  # runtime feature -> what needs it
+    meta = dict(g.meta)
+
+    def squeezed(node) -> str | None:
+        """The buffer that ``squeeze(buffer, -1)`` can become, if its last dimension is 1."""
+        src, dims = node.args[0], node.args[1]
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        shape = tensor_shape(src)
+        if src not in refs or refs[src] != src.name or shape is None or len(src.users) != 1:
+            return None
+        if buffers[src.name].shape != [1] or [d % len(shape) for d in dims] != [len(shape) - 1]:
+            return None
+        return src.name
 
     def emit(node, kernel, inputs, attrs):
         lay, shape = layout(node)
@@ -76,6 +180,17 @@ def lower(g: Graph) -> Program:
             continue
         t, a = node.target, node.args
         if t is ops.embed_layernorm:
+            table, offset = g.constant(a[3]), int(a[8])
+            if table is not None:
+                limit = meta.get("max_position_embeddings", table.shape[0])
+                meta["max_position_embeddings"] = min(limit, table.shape[0] - offset)
+            if len(a) > 9 and a[9] is not None:
+                meta["positions"] = {"pad_token_id": int(a[9]), "offset": offset}
+                requires["padded_positions"] = (
+                    f"its position ids count the tokens that are not padding (id {a[9]}), so "
+                    f"they are s + {offset} only where no padding comes before a token; the "
+                    "program must refuse inputs with left padding or padding inside a sequence"
+                )
             emit(
                 node,
                 "embed_layernorm",
@@ -136,14 +251,20 @@ def lower(g: Graph) -> Program:
                 {f"in{i}": ref(x) for i, x in enumerate(a[1:])},
                 {"expr": a[0]},
             )
+        elif t in _SQUEEZES and (src := squeezed(node)) is not None:
+            # One value per row: the kernel writes one column, read back as [R] or [B].
+            buffers[src].shape = []
+            refs[node] = src
+            requires.setdefault("scalar_rows", "")
         else:
-            unsupported.append(_describe(node))
+            unmatched.append(_describe(node))
             refs[node] = node.name
-    if unsupported:
-        listed = "\n  ".join(unsupported[:20])
-        raise UnsupportedGraph(
-            f"{len(unsupported)} operation(s) of {g.meta.get('model_class', 'the model')} have no "
-            f"optimum-disc kernel or rule:\n  {listed}\nPlease open an issue with this list."
+    if unmatched:
+        listed = "\n  ".join(unmatched[:20])
+        more = f"\n  ... and {len(unmatched) - 20} more" if len(unmatched) > 20 else ""
+        raise unsupported(
+            g.meta,
+            f"{len(unmatched)} operation(s) have no optimum-disc kernel or rule:\n  {listed}{more}",
         )
 
     out_node = next(n for n in g.graph.nodes if n.op == "output")
@@ -151,8 +272,23 @@ def lower(g: Graph) -> Program:
     outputs = {}
     for field, value in zip(g.output_fields, outs):
         if value not in refs or refs[value].startswith(("w:", "p:")):
-            raise UnsupportedGraph(f"output {field} is not computed by a kernel")
+            raise unsupported(g.meta, f"output {field} is not computed by a kernel")
         outputs[field] = refs[value]
+    if "scalar_rows" in requires:
+        fields = [f for f, b in outputs.items() if b in buffers and buffers[b].shape == []]
+        requires["scalar_rows"] = (
+            f"{' and '.join(fields)} hold one value per token or per sequence (no hidden "
+            "dimension), an output that the runtime must return from a one-column buffer"
+        )
+    missing = sorted(set(requires) - runtime_features())
+    if missing:
+        raise unsupported(
+            g.meta,
+            "; ".join(f"{requires[f]} (runtime feature {f!r})" for f in missing)
+            + ". This runtime lacks that feature.",
+        )
+    if requires:
+        meta["requires"] = sorted(requires)
     used = {r[2:] for c in calls for r in c.inputs.values() if r and r.startswith("w:")}
     program = Program(
         inputs=list(g.inputs),
@@ -161,7 +297,7 @@ def lower(g: Graph) -> Program:
         outputs=outputs,
         output_class=g.output_class,
         weights={k: v.contiguous() for k, v in weights.items() if k in used},
-        meta=dict(g.meta),
+        meta=meta,
     )
     program.check()
     return program

@@ -22,16 +22,41 @@ _ACTIVATIONS = {
 
 
 def embed_layernorm(
-    input_ids, token_type_ids, word, position, token_type, ln_weight, ln_bias, eps, position_offset
+    input_ids,
+    token_type_ids,
+    word,
+    position,
+    token_type,
+    ln_weight,
+    ln_bias,
+    eps,
+    position_offset,
+    padding_idx=None,
 ):
-    """LayerNorm(word[ids] + position[s + offset] + token_type[type ids])."""
-    seq = input_ids.shape[1]
-    pos = torch.arange(seq, device=input_ids.device) + position_offset
-    x = F.embedding(input_ids, word) + F.embedding(pos, position)[None]
+    """LayerNorm(word[ids] + position[s + offset] + token_type[type ids]).
+
+    With ``padding_idx`` (RoBERTa and its family), positions are ``padded_positions(input_ids,
+    padding_idx)`` instead, which equal ``s + offset`` (offset ``padding_idx + 1``) wherever no
+    padding token comes at or before ``s``.
+    """
+    if padding_idx is not None:
+        pos = padded_positions(input_ids, padding_idx)
+        x = F.embedding(input_ids, word) + F.embedding(pos, position)
+    else:
+        seq = input_ids.shape[1]
+        pos = torch.arange(seq, device=input_ids.device) + position_offset
+        x = F.embedding(input_ids, word) + F.embedding(pos, position)[None]
     if token_type is not None:
         tt = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
         x = x + F.embedding(tt, token_type)
     return F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, eps)
+
+
+def padded_positions(input_ids, padding_idx):
+    """RoBERTa's position ids: ``padding_idx`` + the number of tokens up to and including this
+    one that are not ``padding_idx``; ``padding_idx`` itself at padding tokens. ``[B, S]``."""
+    real = input_ids.ne(padding_idx).long()
+    return torch.cumsum(real, dim=1) * real + padding_idx
 
 
 def linear(x, weight, bias, activation, residual):
@@ -95,6 +120,7 @@ def pointwise(expr, *inputs):
 
 FUSED_OPS = (
     padding_mask,
+    padded_positions,
     embed_layernorm,
     linear,
     layer_norm,

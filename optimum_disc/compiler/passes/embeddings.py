@@ -2,7 +2,8 @@
 
 Looks for a fused LayerNorm whose input is a sum of ``embedding`` lookups indexed by
 ``input_ids``, ``token_type_ids`` and a slice of a constant that holds ``0, 1, 2, ...`` (the
-position ids buffer of BERT-style models).
+position ids buffer of BERT-style models) or ``ops.padded_positions`` (RoBERTa-style positions,
+see the positions pass).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def fuse_embeddings(g: Graph) -> Graph:
             continue
         x, residual, weight, bias, eps = node.args
         terms = _addends(x, []) + (_addends(residual, []) if residual is not None else [])
-        word = position = token_type = None
+        word = position = token_type = padding_idx = None
         offset = 0
         for t in terms:
             if not is_op(t, aten.embedding.default) or g.constant(t.args[0]) is None:
@@ -59,6 +60,9 @@ def fuse_embeddings(g: Graph) -> Graph:
                 token_type = table
             elif position is None and (off := _position_offset(g, index)) is not None:
                 position, offset = table, off
+            elif position is None and is_op(index, ops.padded_positions) and index.args[0] is ids:
+                position, padding_idx = table, index.args[1]
+                offset = padding_idx + 1
             else:
                 break
         else:
@@ -78,6 +82,7 @@ def fuse_embeddings(g: Graph) -> Graph:
                     bias,
                     eps,
                     offset,
+                    padding_idx,
                 ),
             )
     return g.cleanup()

@@ -15,6 +15,7 @@ import torch.fx as fx
 
 from .. import ops
 from ..graph import Graph, is_op
+from ..lower import unsupported
 
 aten = torch.ops.aten
 
@@ -70,7 +71,9 @@ def key_padding_mask(g: Graph) -> Graph:
         return g
     mask_input = g.input_node("attention_mask")
     if mask_input is None:
-        raise ValueError("the attention reads a mask that does not come from attention_mask")
+        raise unsupported(
+            g.meta, "the attention reads a mask that does not come from attention_mask"
+        )
     wanted = set(masks.values())
     for batch, seq in ((2, 5), (3, 9)):
         inputs = _random_inputs(g, batch, seq)
@@ -80,10 +83,11 @@ def key_padding_mask(g: Graph) -> Graph:
             rec.run(*args)
         for node in wanted:
             if not _is_key_padding(rec.values[node], inputs["attention_mask"]):
-                raise ValueError(
+                raise unsupported(
+                    g.meta,
                     f"the attention mask {node.name!r} is not a key-padding mask of "
-                    "attention_mask (a causal or relative mask?); optimum-disc compiles "
-                    "bidirectional encoders only."
+                    "attention_mask (a causal, sliding-window or relative mask?); optimum-disc "
+                    "compiles bidirectional encoders with full attention only.",
                 )
     first = next(n for n in g.graph.nodes if n in masks)
     with g.graph.inserting_before(first):
