@@ -200,8 +200,29 @@ def _check_target(target: Path) -> None:
             )
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two folders in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where
+    the system or the file system cannot."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
 def _swap_in(tmp: Path, target: Path) -> None:
-    """Put ``tmp`` in the place of ``target``; the old target is removed only once it is out."""
+    """Put ``tmp`` in the place of ``target``; the old target is removed only once it is out.
+
+    Where the system can, the two folders are exchanged atomically, so that a process killed at
+    any moment leaves ``target`` holding a complete artifact, the previous or the new one;
+    elsewhere two renames leave a short window in which ``target`` is missing.
+    """
+    if target.exists() and _exchange(tmp, target):
+        shutil.rmtree(tmp, ignore_errors=True)  # now the previous artifact
+        return
     old = None
     if target.exists():
         old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
@@ -334,7 +355,17 @@ def load_artifact(directory: str | os.PathLike) -> Artifact:
         settings = DiscSettings.from_dict(json.loads((directory / SETTINGS_NAME).read_text()))
     except (ValueError, TypeError) as e:
         raise ValueError(f"artifact file {SETTINGS_NAME!r} in {str(directory)!r}: {e}") from None
-    program = Program.from_json(program_text, weights)
+    try:
+        program = Program.from_json(program_text, weights)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        # A program that passes the hashes but not the parser (an edit that rewrote the
+        # manifest too): name the file rather than surface a bare KeyError or TypeError.
+        detail = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+        raise ValueError(
+            f"artifact files {PROGRAM_NAME!r} and {WEIGHTS_NAME!r} in {str(directory)!r} do not "
+            f"hold a valid program ({detail.split('; export')[0].rstrip('.')}); export the "
+            "model again."
+        ) from None
     return Artifact(directory=directory, manifest=manifest, program=program, settings=settings)
 
 

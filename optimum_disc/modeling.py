@@ -308,7 +308,7 @@ class DiscModel(OptimizedModel):
         runtime = _merge_settings(loaded.settings, settings, overrides, directory)
         if config is None:
             config = AutoConfig.from_pretrained(str(directory), trust_remote_code=False)
-        preprocessors = _load_local_tokenizer(directory)
+        preprocessors = _load_local_tokenizer(directory, listed=loaded.manifest["files"])
         _log_device_change(loaded.compiled_on, device)
         compiled = _compiled_model(loaded.program, runtime, device, loaded.coverage)
         return cls(compiled, config, preprocessors, artifact_manifest=loaded.manifest)
@@ -786,10 +786,28 @@ def _load_preprocessors(model_id: str, hub: dict, trust_remote_code: bool = Fals
     return [tokenizer]
 
 
-def _load_local_tokenizer(directory: Path) -> list:
+def _load_local_tokenizer(directory: Path, listed=None) -> list:
+    """The tokenizer saved in ``directory``. With ``listed`` (the manifest's verified files), it
+    is read from those files only: a file dropped into the folder later (a
+    special_tokens_map.json, an added_tokens.json) cannot change it."""
     if not any((Path(directory) / name).is_file() for name in _TOKENIZER_FILES):
         return []
-    return [AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)]
+    if listed is None:
+        return [AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)]
+    import shutil
+    import tempfile
+
+    skip = {*artifact.COMPILED_FILES, artifact.MANIFEST_NAME}
+    with tempfile.TemporaryDirectory(prefix="disc-tokenizer-") as only_listed:
+        for name in listed:
+            if name not in skip:
+                (Path(only_listed) / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(Path(directory) / name, Path(only_listed) / name)
+        if not any((Path(only_listed) / name).is_file() for name in _TOKENIZER_FILES):
+            return []
+        tokenizer = AutoTokenizer.from_pretrained(only_listed, trust_remote_code=False)
+    tokenizer.name_or_path = str(directory)
+    return [tokenizer]
 
 
 def _merge_settings(saved: DiscSettings, settings, overrides: dict, directory) -> DiscSettings:

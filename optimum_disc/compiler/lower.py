@@ -92,12 +92,23 @@ def supported_architectures(features: frozenset[str] | None = None) -> list[str]
 def unsupported(meta: dict, problem: str) -> UnsupportedGraph:
     """The error for a model that does not compile: what, why, and what does compile."""
     model, kind = meta.get("model_class", "the model"), meta.get("model_type") or "?"
-    lines = [f"{model} (model_type {kind!r}) cannot be compiled: {problem}"]
     if kind in NOT_SUPPORTED:
-        lines.append(NOT_SUPPORTED[kind])
+        lines = [
+            f"{model} (model_type {kind!r}) cannot be compiled: {NOT_SUPPORTED[kind]}",
+            f"The compiler stopped at: {problem}",
+        ]
+    else:
+        lines = [f"{model} (model_type {kind!r}) cannot be compiled: {problem}"]
+    features = runtime_features()
+    pending = [
+        f"{name} (runtime feature {', '.join(sorted(_ARCHITECTURE_NEEDS[k] - features))})"
+        for k, name in ARCHITECTURES.items()
+        if _ARCHITECTURE_NEEDS.get(k, set()) - features
+    ]
     lines.append(
-        f"optimum-disc compiles {', '.join(supported_architectures())} encoders "
-        "(docs/models.md lists their heads and precisions, and what is not supported)."
+        f"optimum-disc compiles {', '.join(supported_architectures(features))} encoders"
+        + (f"; these need a runtime feature first: {', '.join(pending)}" if pending else "")
+        + " (docs/models.md lists heads and precisions, and what is not supported and why)."
     )
     if kind not in NOT_SUPPORTED and kind not in ARCHITECTURES:
         lines.append("Please open an issue with this message.")
@@ -106,9 +117,11 @@ def unsupported(meta: dict, problem: str) -> UnsupportedGraph:
 
 def _describe(node: fx.Node) -> str:
     target = getattr(node.target, "__name__", str(node.target))
-    return (
-        f"{node.name} = {target}{tuple(a.name if isinstance(a, fx.Node) else a for a in node.args)}"
-    )
+    args = node.args
+    if node.target is ops.pointwise:  # the steps' names, not the whole expression
+        target = f"pointwise[{', '.join(step[0] for step in args[0]['steps'])}]"
+        args = args[1:]
+    return f"{node.name} = {target}{tuple(a.name if isinstance(a, fx.Node) else a for a in args)}"
 
 
 _SQUEEZES = (torch.ops.aten.squeeze.dim, torch.ops.aten.squeeze.dims)

@@ -292,8 +292,7 @@ class CompiledModel:
         # padding) point at valid positions and belong to no sequence.
         order = torch.argsort((m.view(-1) == 0).to(torch.int8), stable=True)
         static["rows"].copy_(order[:rows])
-        cu = static["cu_seqlens"]
-        cu[0] = 0
+        cu = static["cu_seqlens"]  # cu[0] stays 0 from its allocation
         torch.cumsum(m.sum(1), 0, out=cu[1:])
         static["first_rows"].copy_(cu[:-1].clamp(max=rows - 1))
 
