@@ -45,6 +45,15 @@ TOLERANCES = {
     torch.float16: (1e-4, 2e-3),
     torch.bfloat16: (1e-4, 1.6e-2),
 }
+# The cuBLAS backend rounds the product to the output dtype before the activation and the
+# residual add, then rounds again: two roundings, so an absolute error of up to one ulp of the
+# product (which a residual add can leave on a small result). Outputs of order one: atol is one
+# ulp at 1.0 doubled.
+CUBLAS_TOLERANCES = {
+    torch.float32: (3e-5, 1e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
 
 # Hopper allows 227 KiB of shared memory per block; heuristics stay well under it because the
 # epilogue's layout conversion needs scratch space on top of the pipelined operand buffers.
@@ -68,8 +77,14 @@ class GemmConfig:
     group_m: int
     num_warps: int
     num_stages: int
+    # "triton": the kernel of this file with the tiles above; "cublas": the vendor library
+    # through torch (the tiles are unused), with the epilogue as separate torch ops. The tuner
+    # times both, since cuBLAS wins some shapes (fp32 above all, where this kernel runs on FMA).
+    backend: str = "triton"
 
     def __post_init__(self):
+        if self.backend not in ("triton", "cublas"):
+            raise ValueError(f"GemmConfig.backend={self.backend!r}: use 'triton' or 'cublas'")
         for name in ("block_m", "block_n", "block_k"):
             v = getattr(self, name)
             # tl.dot needs every dimension to be a power of two of at least 16.
@@ -88,14 +103,15 @@ class GemmConfig:
     @classmethod
     def from_dict(cls, d: dict) -> GemmConfig:
         names = [f.name for f in fields(cls)]
-        missing = [n for n in names if n not in d]
+        missing = [n for n in names if n not in d and n != "backend"]
         unknown = [k for k in d if k not in names]
         if missing or unknown:
             raise ValueError(
                 f"GemmConfig.from_dict({d!r}): missing keys {missing}, unknown keys {unknown}; "
                 f"expected exactly {names}"
             )
-        return cls(**{n: int(d[n]) for n in names})
+        values = {n: int(d[n]) for n in names if n != "backend"}
+        return cls(**values, backend=str(d.get("backend", "triton")))
 
     def smem_bytes(self, dtype: torch.dtype) -> int:
         """Shared memory of the pipelined operand buffers, the part that grows with the tiles."""
@@ -291,6 +307,12 @@ def linear(
         return out
     if config is None:
         config = default_config(m, n, k, x.dtype)
+    if config.backend == "cublas":
+        if x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+            # The caller turned TF32 on for torch; fp32 here means fp32, so keep the kernel.
+            config = default_config(m, n, k, x.dtype)
+        else:
+            return _linear_cublas(x, weight, bias, activation, residual, out)
     upcast = x.dtype == torch.bfloat16 and interpreted()
     grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),)
     _linear_kernel[grid](
@@ -320,6 +342,29 @@ def linear(
         num_stages=config.num_stages,
     )
     return out
+
+
+def _linear_cublas(x, weight, bias, activation, residual, out):
+    """The cuBLAS path: the product (with the bias in its epilogue) through torch, then the
+    activation and the residual as torch ops, written into ``out``."""
+    if bias is not None:
+        y = torch.addmm(bias.to(x.dtype), x, weight.t())
+    else:
+        y = x @ weight.t()
+    if activation is not None:
+        y = _TORCH_ACTIVATIONS[activation](y)
+    if residual is not None:
+        y = y + residual
+    out.copy_(y)
+    return out
+
+
+_TORCH_ACTIVATIONS = {
+    "gelu": torch.nn.functional.gelu,
+    "gelu_tanh": lambda t: torch.nn.functional.gelu(t, approximate="tanh"),
+    "tanh": torch.tanh,
+    "relu": torch.relu,
+}
 
 
 def linear_reference(
@@ -354,6 +399,10 @@ def linear_reference(
     if residual is not None:
         y = y + residual.float()
     return y.to(out_dtype or x.dtype)
+
+
+# The cuBLAS backend (its tile fields are placeholders).
+CUBLAS = GemmConfig(16, 16, 16, 1, 4, 1, backend="cublas")
 
 
 def m_bucket(m: int) -> int:
@@ -528,11 +577,15 @@ def tune(m: int, n: int, k: int, dtype: torch.dtype, device) -> GemmConfig:
     w = (torch.randn((n, k), device=device) / k**0.5).to(dtype)
     y = torch.empty((mb, n), device=device, dtype=dtype)
     best, best_ms, errors = None, float("inf"), []
-    for cfg in candidate_configs(m, n, k, dtype):
+    candidates = candidate_configs(m, n, k, dtype)
+    if not (dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32):
+        candidates.append(CUBLAS)
+    bias = torch.randn(n, device=device, dtype=torch.float32)
+    for cfg in candidates:
         try:
-            linear(x, w, out=y, config=cfg)
+            linear(x, w, bias, out=y, config=cfg)
             ms = do_bench(
-                lambda cfg=cfg: linear(x, w, out=y, config=cfg),
+                lambda cfg=cfg: linear(x, w, bias, out=y, config=cfg),
                 warmup=5,
                 rep=20,
                 return_mode="median",

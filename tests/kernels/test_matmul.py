@@ -13,6 +13,8 @@ import torch
 from optimum_disc.kernels import interpreted, matmul
 from optimum_disc.kernels.matmul import (
     ACTIVATIONS,
+    CUBLAS,
+    CUBLAS_TOLERANCES,
     TOLERANCES,
     GemmConfig,
     candidate_configs,
@@ -42,13 +44,13 @@ def _poisoned(m, n, dtype, device):
     return torch.full((m, n), float("nan"), dtype=dtype, device=device)
 
 
-def _check(y, ref, seed, what):
+def _check(y, ref, seed, what, tolerances=TOLERANCES):
     assert y.shape == ref.shape and y.dtype == ref.dtype, (
         f"{what}: got {tuple(y.shape)} {y.dtype}, expected {tuple(ref.shape)} {ref.dtype}"
     )
     bad = (~torch.isfinite(y)).sum().item()
     assert bad == 0, f"{what}, seed={seed}: {bad} of {y.numel()} outputs not finite"
-    atol, rtol = TOLERANCES[y.dtype]
+    atol, rtol = tolerances[y.dtype]
     torch.testing.assert_close(
         y, ref, atol=atol, rtol=rtol, msg=lambda msg: f"{what}, seed={seed}\n{msg}"
     )
@@ -197,8 +199,13 @@ def test_gemm_config_round_trip():
         "group_m": 8,
         "num_warps": 4,
         "num_stages": 3,
+        "backend": "triton",
     }
     assert GemmConfig.from_dict(d) == cfg
+    # Configs saved before the backend field existed still load, as the Triton backend.
+    assert GemmConfig.from_dict({k: v for k, v in d.items() if k != "backend"}) == cfg
+    with pytest.raises(ValueError, match="backend='cudnn'"):
+        GemmConfig(**{**d, "backend": "cudnn"})
     with pytest.raises(ValueError, match=r"missing keys \['num_stages'\]"):
         GemmConfig.from_dict({k: v for k, v in d.items() if k != "num_stages"})
     with pytest.raises(ValueError, match="block_k=24"):
@@ -239,7 +246,7 @@ def test_gpu_heuristics_fit_hopper(dtype, monkeypatch):
 def test_tune_returns_candidate(device):
     m, n, k, dtype = 33, 96, 128, torch.float16
     cfg = tune(m, n, k, dtype, device)
-    assert cfg in candidate_configs(m, n, k, dtype)
+    assert cfg in [*candidate_configs(m, n, k, dtype), CUBLAS]
     if interpreted():
         assert cfg == default_config(m, n, k, dtype)
 
@@ -269,8 +276,21 @@ def test_linear_gpu_bert_shapes(m, n, k, activation, has_residual, dtype, device
 def test_tuned_configs_run_gpu(dtype, device, seed):
     m, n, k = 512, 768, 768
     cfg = tune(m, n, k, dtype, device)
-    assert cfg in candidate_configs(m, n, k, dtype)
+    assert cfg in [*candidate_configs(m, n, k, dtype), CUBLAS]
     x, w, b, r = _inputs(m, n, k, dtype, device, residual=True)
     out = _poisoned(m, n, dtype, device)
     y = linear(x, w, b, activation="gelu", residual=r, out=out, config=cfg)
-    _check(y, linear_reference(x, w, b, activation="gelu", residual=r), seed, f"{cfg} {dtype}")
+    tolerances = CUBLAS_TOLERANCES if cfg.backend == "cublas" else TOLERANCES
+    ref = linear_reference(x, w, b, activation="gelu", residual=r)
+    _check(y, ref, seed, f"{cfg} {dtype}", tolerances)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_cublas_backend_matches_reference(dtype, activation, device, seed):
+    m, n, k = 33, 96, 40
+    x, w, b, r = _inputs(m, n, k, dtype, device, residual=True)
+    out = _poisoned(m, n, dtype, device)
+    y = linear(x, w, b, activation=activation, residual=r, out=out, config=CUBLAS)
+    ref = linear_reference(x, w, b, activation=activation, residual=r)
+    _check(y, ref, seed, f"cublas {activation} {dtype}", CUBLAS_TOLERANCES)
