@@ -34,6 +34,7 @@ PROLOGUE_VALUES = {
 }
 
 LAYOUTS = ("tokens", "batch")
+DTYPES = ("float32", "float16", "bfloat16", "int64", "int32")
 
 
 @dataclass
@@ -48,6 +49,11 @@ class Buffer:
     def __post_init__(self):
         if self.layout not in LAYOUTS:
             raise ValueError(f"buffer {self.name!r}: layout {self.layout!r} not in {LAYOUTS}")
+        if self.dtype not in DTYPES:
+            raise ValueError(
+                f"buffer {self.name!r}: dtype {self.dtype!r} is not one of {DTYPES}; the program "
+                "is corrupt: export the model again."
+            )
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -82,7 +82,22 @@ class CompiledModel:
                 "outputs; the program is corrupt or not from optimum-disc: export again."
             )
         module, _, name = program.output_class.rpartition(".")
-        self._output_cls = getattr(importlib.import_module(module), name)
+        from transformers.utils import ModelOutput
+
+        output_cls = getattr(importlib.import_module(module), name, None)
+        if not (isinstance(output_cls, type) and issubclass(output_cls, ModelOutput)):
+            raise ValueError(
+                f"output class {program.output_class!r} is not a transformers ModelOutput; the "
+                "program is corrupt: export the model again."
+            )
+        self._output_cls = output_cls
+        unknown = sorted({c.kernel for c in program.calls} - set(_LAUNCH))
+        if unknown:
+            raise ValueError(
+                f"the program calls kernels {unknown} that this optimum-disc does not have; "
+                "export the model again with this version."
+            )
+        _check_limits(program)
         self.program = program
         self.settings = settings
         self.coverage = coverage or {}
@@ -165,6 +180,11 @@ class CompiledModel:
                 continue
             if not isinstance(t, torch.Tensor):
                 raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
+            if t.dtype == torch.bool and name != "attention_mask":
+                raise ValueError(
+                    f"{name} has dtype torch.bool; token ids must be integer tensors "
+                    "(torch.long), as the tokenizer returns them."
+                )
             if t.is_floating_point() or t.is_complex():
                 raise ValueError(
                     f"{name} has dtype {t.dtype}; token ids and masks must be integer tensors "
@@ -192,7 +212,7 @@ class CompiledModel:
         move = lambda t: None if t is None else t.to(dev, non_blocking=True)  # noqa: E731
         return move(input_ids), move(attention_mask), move(token_type_ids)
 
-    def _check_statistics(self, stats: list[int], has_types: bool, has_mask: bool) -> None:
+    def _check_statistics(self, stats: list[int], has_types: bool, mask) -> None:
         id_min, id_max, type_min, type_max, _, _, bad_mask = stats
         meta = self.program.meta
         vocab, types_n = meta["vocab_size"], max(meta.get("type_vocab_size", 1), 1)
@@ -207,8 +227,11 @@ class CompiledModel:
             raise ValueError(
                 f"token_type_ids holds {bad}, outside [0, {types_n}) (type_vocab_size)."
             )
-        if has_mask and bad_mask:
-            raise ValueError("attention_mask must hold only 0 and 1.")
+        if bad_mask:
+            values = mask[(mask != 0) & (mask != 1)]
+            raise ValueError(
+                f"attention_mask holds {values[0].item()}; attention_mask must hold only 0 and 1."
+            )
 
     # -- execution --------------------------------------------------------------------------
 
@@ -224,7 +247,7 @@ class CompiledModel:
         # One launch fills the bucket's input buffers and computes the statistics; reading
         # them is the call's one wait for the GPU.
         stats = self._kernels.prologue.prepare_inputs(ids, mask, types, inputs).tolist()
-        self._check_statistics(stats[:7], types is not None, mask is not None)
+        self._check_statistics(stats[:7], types is not None, mask)
         real_tokens, first_valid = stats[4], stats[5]
         # Removing padding is exact for every output that reads real tokens only; the first-token
         # pooling reads position 0, so a batch whose position 0 is padding keeps its padding.
@@ -393,12 +416,38 @@ class CompiledModel:
 _TUNED: dict[str, dict] = {}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _device_name(device: torch.device) -> str:
     if device.type != "cuda":
         return device.type
     major, minor = torch.cuda.get_device_capability(device)
     return f"{torch.cuda.get_device_name(device)} sm{major}{minor}"
+
+
+def _check_limits(program: Program) -> None:
+    """The id and length limits of ``meta`` must lie inside the embedding tables, or a
+    tampered program would let the kernels read past them."""
+    meta = program.meta
+    for call in program.calls:
+        if call.kernel != "embed_layernorm":
+            continue
+        rows = {
+            arg: program.weights[ref[2:]].shape[0]
+            for arg, ref in call.inputs.items()
+            if ref and ref.startswith("w:") and arg in ("word", "position", "token_type")
+        }
+        limits = {
+            "word": meta.get("vocab_size", 0),
+            "position": meta.get("max_position_embeddings", 0)
+            + call.attrs.get("position_offset", 0),
+            "token_type": meta.get("type_vocab_size", 0),
+        }
+        for arg, n in rows.items():
+            if limits[arg] > n:
+                raise ValueError(
+                    f"the program allows {limits[arg]} rows of the {arg} embedding table but it "
+                    f"has {n}; the program is corrupt: export the model again."
+                )
 
 
 def _launch_linear(model, a, attrs, out, seq):
