@@ -56,7 +56,7 @@ CACHE_ENV = "OPTIMUM_DISC_CACHE"
 MODEL_DIRNAME = "minilm-movie-sentiment"
 INFO_NAME = "training_info.json"
 # Raise when the recipe changes: a cached model built by another recipe is then rebuilt.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 LABELS = ("NEGATIVE", "POSITIVE")
 POOLER_SCALE = 0.1
 L2_GRID = (3e-5, 1e-4, 3e-4, 1e-3)
@@ -263,7 +263,9 @@ def _build_into(
     test_y = torch.tensor(list(test["label"]))
 
     mean = train_x.mean(0)
-    std = train_x.std(0).clamp_min(1e-6) if len(train_x) > 1 else torch.ones_like(mean)
+    # The floor keeps the pooler's weights (POOLER_SCALE / std) inside fp16's range for
+    # features that hardly vary: a compiled fp16 model would otherwise overflow to NaN.
+    std = train_x.std(0).clamp_min(1e-2) if len(train_x) > 1 else torch.ones_like(mean)
     scale = POOLER_SCALE / std
 
     def pooled(x: torch.Tensor) -> torch.Tensor:

@@ -909,7 +909,17 @@ def evaluate_model(
     run_results = {}
     predictions = {}
     for name, runner, dev in runs:
-        pred = stacked[name].argmax(-1).numpy()
+        # A row with a NaN or infinite logit has no prediction: it counts as wrong and as a
+        # disagreement, never as the label its argmax happens to land on.
+        finite = torch.isfinite(stacked[name]).all(-1).numpy()
+        pred = np.where(finite, stacked[name].argmax(-1).numpy(), -1)
+        if not finite.all():
+            logger.warning(
+                "%s: %d of %d rows have non-finite logits (NaN or inf); they count as wrong",
+                name,
+                int((~finite).sum()),
+                len(finite),
+            )
         predictions[name] = pred
         in_order = [-1] * n_rows
         for i, p in zip(good, pred.tolist()):
@@ -929,7 +939,8 @@ def evaluate_model(
         )
     agreement = max_diff = mean_diff = None
     if reference_model is not None:
-        agreement = float((predictions["model"] == predictions["reference"]).mean())
+        same = (predictions["model"] == predictions["reference"]) & (predictions["model"] >= 0)
+        agreement = float(same.mean())
         diff = (stacked["model"] - stacked["reference"]).abs()
         max_diff, mean_diff = float(diff.max()), float(diff.mean())
 

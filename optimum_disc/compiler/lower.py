@@ -175,7 +175,8 @@ def lower(g: Graph) -> Program:
         src, dims = node.args[0], node.args[1]
         dims = [dims] if isinstance(dims, int) else list(dims)
         shape = tensor_shape(src)
-        if src not in refs or refs[src] != src.name or shape is None or len(src.users) != 1:
+        computed = src in refs and refs[src] == src.name and src.name in buffers
+        if not computed or shape is None or len(src.users) != 1:
             return None
         if buffers[src.name].shape != [1] or [d % len(shape) for d in dims] != [len(shape) - 1]:
             return None

@@ -23,6 +23,9 @@ from .program import Program
 
 _OUTPUT_MODULE = "transformers.modeling_outputs."
 
+# What this runtime can execute beyond plain kernel calls (lowering asks for them by name).
+FEATURES = ("scalar_rows", "padded_positions")
+
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
@@ -98,6 +101,12 @@ class CompiledModel:
                 "export the model again with this version."
             )
         _check_limits(program)
+        missing = sorted(set(program.meta.get("requires", ())) - set(FEATURES))
+        if missing:
+            raise ValueError(
+                f"the program needs runtime features {missing} that this optimum-disc does not "
+                "have; upgrade optimum-disc or export the model again with this version."
+            )
         self.program = program
         self.settings = settings
         self.coverage = coverage or {}
@@ -246,7 +255,22 @@ class CompiledModel:
         inputs = self._input_buffers(b_pad, s_pad)
         # One launch fills the bucket's input buffers and computes the statistics; reading
         # them is the call's one wait for the GPU.
-        stats = self._kernels.prologue.prepare_inputs(ids, mask, types, inputs).tolist()
+        stats = self._kernels.prologue.prepare_inputs(ids, mask, types, inputs)
+        positions = self.program.meta.get("positions")
+        if positions is not None:
+            # RoBERTa-style positions count real tokens from the left; the program computes
+            # s + offset, which equals that only when no padding token comes before a real one.
+            pad = ids == positions["pad_token_id"]
+            real = mask != 0 if mask is not None else torch.ones_like(pad)
+            early = ((pad.cumsum(1) > 0) & real).sum()
+            stats = torch.cat([stats[:7], early.view(1).to(stats.dtype)])
+        stats = stats.tolist()
+        if positions is not None and stats[7]:
+            raise ValueError(
+                f"input_ids has the padding token {positions['pad_token_id']} before or at a "
+                "real token (left padding, or padding inside a sequence); this model's "
+                "positions need padding on the right (tokenizer padding_side='right')."
+            )
         self._check_statistics(stats[:7], types is not None, mask)
         real_tokens, first_valid = stats[4], stats[5]
         # Removing padding is exact for every output that reads real tokens only; the first-token
@@ -364,9 +388,12 @@ class CompiledModel:
         for call in self.program.calls:
             buf = self.program.buffers[call.output]
             lead = rows if buf.layout == "tokens" else b_pad
-            out = torch.empty(lead, *buf.shape, dtype=buf.torch_dtype, device=self.device)
+            # A buffer of one value per row (shape []) runs as one column.
+            shape = buf.shape or [1]
+            out = torch.empty(lead, *shape, dtype=buf.torch_dtype, device=self.device)
             args = {k: get(v) for k, v in call.inputs.items()}
-            env[call.output] = _LAUNCH[call.kernel](self, args, call.attrs, out, s_pad)
+            result = _LAUNCH[call.kernel](self, args, call.attrs, out, s_pad)
+            env[call.output] = result.view(lead, *buf.shape)
         return {field: env[buf] for field, buf in self.program.outputs.items()}
 
     def _epilogue(self, outs, static, batch, seq, real_tokens, remove):

@@ -173,20 +173,3 @@ def no_warnings():
     assert not logged, f"logged: {logged}"
     raised = [f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})" for w in caught]
     assert not raised, f"warnings: {raised}"
-
-
-def _qa_unsupported_mark():
-    import pytest
-
-    from optimum_disc.compiler.lower import UnsupportedGraph
-
-    return pytest.mark.xfail(
-        raises=UnsupportedGraph,
-        strict=False,
-        reason="the compiler does not lower the QA head's split of start/end logits yet",
-    )
-
-
-# Excuses only the compiler's UnsupportedGraph for the question-answering head: any other
-# failure of these tests still fails, and they pass as soon as the compiler handles the head.
-QA_UNTIL_SUPPORTED = _qa_unsupported_mark()

@@ -29,7 +29,6 @@ from optimum_disc.modeling import (
 from .hf_helpers import (
     DEVICE,
     HEADS,
-    QA_UNTIL_SUPPORTED,
     assert_close,
     disc_class,
     padded_batch,
@@ -52,10 +51,7 @@ def _eager(ckpt, batch):
 
 @pytest.mark.parametrize(
     "task",
-    [
-        pytest.param(task, marks=QA_UNTIL_SUPPORTED) if task == "question-answering" else task
-        for task in HEADS
-    ],
+    [task for task in HEADS],
 )
 def test_outputs_match_eager(tiny, task):
     ckpt, model = tiny.checkpoint(task), tiny.model(task)
@@ -96,7 +92,6 @@ def test_tuple_output_and_loss_like_transformers(tiny):
     assert_close(out[1], ref[1].detach(), f"{ckpt} logits")
 
 
-@QA_UNTIL_SUPPORTED
 def test_question_answering_loss(tiny):
     ckpt, model = tiny.checkpoint("question-answering"), tiny.model("question-answering")
     batch = padded_batch(ckpt.tokenizer, ["who lives in paris"], ["alice lives in paris"])

@@ -16,7 +16,7 @@ from transformers.models.auto import modeling_auto
 
 from optimum_disc.modeling import QuestionAnsweringPipeline, pipeline
 
-from .hf_helpers import QA_UNTIL_SUPPORTED, assert_close, no_warnings
+from .hf_helpers import assert_close, no_warnings
 
 MARGIN = 1e-3
 TOL = 1e-4
@@ -150,7 +150,6 @@ def test_fill_mask_pipeline(tiny):
                 assert gx["token"] == rx["token"] and gx["sequence"] == rx["sequence"]
 
 
-@QA_UNTIL_SUPPORTED
 def test_question_answering_pipeline(tiny):
     ckpt, model = tiny.checkpoint("question-answering"), tiny.model("question-answering")
     context = "alice lives in paris and bob lives in london . " + LONG
