@@ -172,7 +172,11 @@ class CompiledModel:
                 "0..seq_len-1 like the original model does when position_ids is None."
             )
         ids, mask, types = self._check_inputs(input_ids, attention_mask, token_type_ids)
+        # All device work of a call, the copy of CPU inputs included, happens under the lock:
+        # a CUDA-graph capture in progress must see no other work from this model's callers.
         with self._lock, torch.no_grad():
+            dev = self.device
+            ids, mask, types = (None if t is None else t.to(dev) for t in (ids, mask, types))
             outputs = self._run(ids, mask, types)
         out = self._output_cls(**outputs)
         return out if return_dict is not False else out.to_tuple()
@@ -217,9 +221,7 @@ class CompiledModel:
                 f"sequence length {seq} exceeds max_position_embeddings={max_pos} of this "
                 "model; truncate the inputs (tokenizer(..., truncation=True))."
             )
-        dev = self.device
-        move = lambda t: None if t is None else t.to(dev, non_blocking=True)  # noqa: E731
-        return move(input_ids), move(attention_mask), move(token_type_ids)
+        return input_ids, attention_mask, token_type_ids
 
     def _check_statistics(self, stats: list[int], has_types: bool, mask) -> None:
         id_min, id_max, type_min, type_max, _, _, bad_mask = stats
@@ -352,7 +354,9 @@ class CompiledModel:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: work that other threads of the process (other models, the caller's own
+        # code) issue meanwhile does not invalidate this capture.
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             self._derive(static)
             outs = self._execute(static)
         entry = (static, outs, graph)

@@ -58,6 +58,10 @@ class FakeHub:
 @pytest.fixture
 def fake_hub(monkeypatch):
     hub = FakeHub()
+    # The requests go to the fake transport below, so the tests run even where the environment
+    # sets the Hub offline (huggingface_hub refuses every request in offline mode).
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
 
     def client():
         return httpx.Client(

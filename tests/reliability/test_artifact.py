@@ -401,7 +401,7 @@ def test_killed_save_leaves_a_loadable_artifact(saved, classifier, tmp_path, sce
     before = digests(target)
     script, ready = tmp_path / "child.py", tmp_path / "ready"
     script.write_text(_CHILD)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env = dict(os.environ)
     env["CUDA_VISIBLE_DEVICES"] = ""
     child = subprocess.Popen(
         [sys.executable, str(script), scenario, str(saved), str(target), str(ready)],
