@@ -29,8 +29,9 @@ class DiscSettings:
             computes there, which no head reads; with ``False`` every position matches the original.
         cuda_graphs: replay launch-bound calls through CUDA graphs captured per shape bucket.
         max_cuda_graphs: how many captured graphs are kept; the least recently used is evicted.
-        autotune: time GEMM block shapes on the GPU per shape bucket at compile time; the choices
-            are saved with the artifact so a reload does not tune again.
+        autotune: time GEMM block shapes (and cuBLAS) on the GPU for each shape bucket, at the
+            first call that meets the bucket; the choices are saved with the artifact (per GPU
+            model) so a reload on the same GPU does not tune again.
         debug_dir: when set, every stage of the compilation is written there, one file per stage.
             Defaults to the ``OPTIMUM_DISC_DEBUG_DIR`` environment variable.
     """
