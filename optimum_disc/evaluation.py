@@ -210,6 +210,7 @@ class EvaluationResult:
     settings: dict = field(default_factory=dict, repr=False)
     environment: dict = field(default_factory=dict, repr=False)
     files: dict[str, str] = field(default_factory=dict, repr=False)
+    processes: list[dict] = field(default_factory=list, repr=False)
 
     @property
     def n_bad(self) -> int:
@@ -245,6 +246,7 @@ class EvaluationResult:
             "settings": self.settings,
             "environment": self.environment,
             "files": self.files,
+            "processes": self.processes,
         }
 
     def summary(self) -> str:
@@ -270,6 +272,16 @@ class EvaluationResult:
                 f"{self.max_abs_logit_diff:.3g}, speed-up {self.speedup:.3g}x "
                 f"({self.model.model_class} on {self.model.device} vs "
                 f"{self.reference.model_class} on {self.reference.device})"
+            )
+        if len(self.processes) > 1:
+            lines.append(
+                f"{len(self.processes)} processes, model throughput "
+                f"{self.model.texts_per_second:.1f} texts/s (all rows / the slowest process's "
+                "model time); per process: "
+                + ", ".join(
+                    f"#{p['rank']} {p['rows']} rows {p['model_texts_per_second']:.1f} texts/s"
+                    for p in self.processes
+                )
             )
         for kind, entry in self.bad_rows.items():
             more = "..." if entry["count"] > len(entry["rows"]) else ""
@@ -731,6 +743,7 @@ def evaluate_model(
     warmup: int = 1,
     split: str | None = "test",
     limit: int | None = None,
+    distributed: bool = False,
 ) -> EvaluationResult:
     """Accuracy, agreement and speed of ``model`` (and ``reference_model``) over a labelled set.
 
@@ -764,6 +777,14 @@ def evaluate_model(
             counted in the times.
         split: the split to load when ``dataset`` is a name.
         limit: evaluate only the first ``limit`` rows.
+        distributed: run as one of the processes started by ``accelerate launch`` (the
+            ``accelerate.PartialState``; on the CPU when ``device`` is ``"cpu"``). Every process
+            reads the whole data set and makes the same batches; process ``r`` of ``n`` runs
+            batches ``r, r + n, r + 2n, ...``; the logits and times come back to every process,
+            which then computes the same result as one process would (same batches, so the same
+            logits). ``result.processes`` holds each process's rows, times and throughput, and
+            ``texts_per_second`` is all rows / the slowest process's model time. With a single
+            process it is the ordinary run.
 
     Returns:
         An :class:`EvaluationResult`; ``result.save(folder)`` writes its files.
@@ -857,13 +878,22 @@ def evaluate_model(
 
     logits = {name: [None] * len(good) for name, _, _ in runs}
     seconds = {name: [] for name, _, _ in runs}
-    bar = tqdm(total=len(good), desc="evaluating", unit="text", disable=not progress)
+    state = _process_state(model_device) if distributed else None
+    rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
+    mine = list(range(rank, len(batches), world))
+    bar = tqdm(
+        total=sum(len(batches[b]) for b in mine),
+        desc="evaluating",
+        unit="text",
+        disable=not progress or rank != 0,
+    )
+    started = time.perf_counter()
     with torch.no_grad(), _eval_mode(model, reference_model), bar:
-        for batch in batches[:warmup]:
+        for batch in [batches[b] for b in mine][:warmup]:
             inputs = batches_data.pad(batch)
             for _, runner, dev in runs:
                 _timed_call(runner, {k: v.to(dev) for k, v in inputs.items()}, dev)
-        for batch in batches:
+        for batch in [batches[b] for b in mine]:
             inputs = batches_data.pad(batch)
             for name, runner, dev in runs:
                 out, took = _timed_call(runner, {k: v.to(dev) for k, v in inputs.items()}, dev)
@@ -876,6 +906,12 @@ def evaluate_model(
                 for row, p in enumerate(batch):
                     logits[name][p] = out[row]
             bar.update(len(batch))
+    wall = time.perf_counter() - started
+    processes = []
+    if world > 1:
+        logits, seconds, processes = _gather_shards(
+            batches, mine, logits, seconds, wall, rank, model_device, reference_device
+        )
 
     stacked = {name: torch.stack(rows) for name, rows in logits.items()}
     width = stacked["model"].shape[-1]
@@ -925,6 +961,8 @@ def evaluate_model(
         for i, p in zip(good, pred.tolist()):
             in_order[i] = p
         total = float(sum(seconds[name]))
+        if processes:  # the processes ran side by side: the slowest one sets the pace
+            total = max(p[f"{name}_seconds"] for p in processes)
         run_results[name] = ModelRun(
             name=name,
             model_class=type(runner).__name__,
@@ -990,7 +1028,51 @@ def evaluate_model(
             "limit": limit,
         },
         environment=_environment(model_device),
+        processes=processes,
     )
+
+
+def _process_state(device: torch.device):
+    """accelerate's ``PartialState`` of this process (on the CPU when ``device`` is the CPU)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=device.type == "cpu")
+
+
+def _gather_shards(batches, mine, logits, seconds, wall, rank, model_device, reference_device):
+    """Every process's logits and times, back in the order of ``batches``, on every process."""
+    from accelerate.utils import gather_object
+
+    names = list(logits)
+    devices = {"model": str(model_device), "reference": str(reference_device)}
+    payload = {
+        "rank": rank,
+        "batches": mine,
+        "logits": {
+            n: [np.stack([logits[n][p].numpy() for p in batches[b]]) for b in mine] for n in names
+        },
+        "seconds": seconds,
+        "wall": wall,
+        "devices": devices,
+    }
+    logits = {n: [None] * len(logits[n]) for n in names}
+    ordered = {n: [0.0] * len(batches) for n in names}
+    processes = []
+    for shard in sorted(gather_object([payload]), key=lambda s: s["rank"]):
+        rows = sum(len(batches[b]) for b in shard["batches"])
+        entry = {"rank": shard["rank"], "rows": rows, "batches": len(shard["batches"])}
+        for n in names:
+            for b, block, took in zip(shard["batches"], shard["logits"][n], shard["seconds"][n]):
+                ordered[n][b] = took
+                for p, row in zip(batches[b], block):
+                    logits[n][p] = torch.from_numpy(row)
+            took = float(sum(shard["seconds"][n]))
+            entry[f"{n}_device"] = shard["devices"][n]
+            entry[f"{n}_seconds"] = took
+            entry[f"{n}_texts_per_second"] = rows / took if took > 0 else math.inf
+        entry["wall_seconds"] = shard["wall"]
+        processes.append(entry)
+    return logits, ordered, processes
 
 
 def _plain(value):

@@ -19,12 +19,20 @@ The reference model, run on the same batches, is the original transformers model
 
 The reference is loaded in float32 on the compiled model's device. This module imports nothing
 heavy until ``run``.
+
+Several processes (one per GPU): ``--num-processes N`` re-runs the command through
+``accelerate launch --multi_gpu --num_processes N -m optimum_disc.cli evaluate ...`` (on the CPU
+with ``--device cpu``), or start it so yourself. ``--model`` must then be a compiled artifact
+folder, which every process loads as it is; the batches are shared out, the logits gathered and
+the main process prints and writes the results (see ``evaluate_model(distributed=True)``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -107,6 +115,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "the summary only)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--num-processes",
+        type=int,
+        default=None,
+        help="run N processes (one per GPU, or N on the CPU with --device cpu) through "
+        "accelerate launch, each on a share of the batches; --model must be a compiled "
+        "artifact folder",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -116,8 +132,17 @@ def run(args: argparse.Namespace) -> int:
             value = getattr(args, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')}={value} must be at least 1.")
-        model, tokenizer, reference, described = _load_models(args)
-        print(f"model: {described}", file=sys.stderr)
+        if args.num_processes is not None and args.num_processes < 1:
+            raise ValueError(f"--num-processes={args.num_processes} must be at least 1.")
+        if (args.num_processes or 1) > 1 and _world_size() == 1:
+            return _launch(args)
+        distributed = _world_size() > 1
+        if distributed:
+            args.device = _process_device(args.device)
+        model, tokenizer, reference, described = _load_models(args, distributed)
+        main_process = int(os.environ.get("RANK", "0")) == 0
+        if main_process:
+            print(f"model: {described}", file=sys.stderr)
         from optimum_disc.evaluation import evaluate_model
 
         result = evaluate_model(
@@ -135,7 +160,10 @@ def run(args: argparse.Namespace) -> int:
             warmup=args.warmup,
             split=args.split,
             limit=args.limit,
+            distributed=distributed,
         )
+        if not main_process:
+            return 0
         print(result.summary())
         if args.output is not None:
             files = result.save(args.output)
@@ -144,6 +172,64 @@ def run(args: argparse.Namespace) -> int:
         print(f"optimum-disc evaluate: error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _process_device(device: str | None) -> str:
+    """This process's device under accelerate launch: cuda:LOCAL_RANK unless told otherwise."""
+    import torch
+
+    if device in (None, "cuda") and torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return device or "cpu"
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """Run this command again in ``args.num_processes`` processes through accelerate launch."""
+    import socket
+
+    from optimum_disc import artifact
+
+    if not (Path(args.model).is_dir() and artifact.is_artifact(Path(args.model))):
+        raise ValueError(_NEEDS_ARTIFACT.format(model=args.model))
+    import torch
+
+    cpu = args.device == "cpu" or (args.device is None and not torch.cuda.is_available())
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    argv = ["evaluate"]
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        if not action.option_strings or action.dest in ("help", "num_processes"):
+            continue
+        if value is None or value is False or (value == action.default and action.nargs == 0):
+            continue
+        if action.nargs == 0:
+            argv.append(action.option_strings[-1])
+        else:
+            argv += [action.option_strings[-1], str(value)]
+    with socket.socket() as s:  # a free port for the processes to meet on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+        "--num_processes", str(args.num_processes), "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+        "-m", "optimum_disc.cli", *argv,
+    ]  # fmt: skip
+    env = dict(os.environ, ACCELERATE_USE_CPU="true" if cpu else "false")
+    print(f"launching: {' '.join(command)}", file=sys.stderr)
+    return subprocess.run(command, env=env).returncode
+
+
+_NEEDS_ARTIFACT = (
+    "--model {model!r} is not a compiled artifact folder: a run in several processes loads the "
+    "same compiled folder in each; compile it once first (optimum-disc export --model {model} "
+    "FOLDER) and pass that folder."
+)
 
 
 def _dataset_argument(args):
@@ -179,7 +265,7 @@ def _has_transformers_weights(folder: Path) -> bool:
     return folder.is_dir() and any((folder / name).is_file() for name in _WEIGHT_FILES)
 
 
-def _load_models(args):
+def _load_models(args, distributed: bool = False):
     """The compiled model, its tokenizer, the reference model (or None) and a description."""
     import optimum_disc.kernels  # noqa: F401  (decides the Triton interpreter before any kernel)
     from optimum_disc import artifact
@@ -194,6 +280,8 @@ def _load_models(args):
         model_id, described = resolve_default_model(source, progress=not args.no_progress)
     local = Path(model_id)
     is_artifact = local.is_dir() and artifact.is_artifact(local)
+    if distributed and not is_artifact:
+        raise ValueError(_NEEDS_ARTIFACT.format(model=args.model))
     if not is_artifact and local.exists() and not local.is_dir():
         raise ValueError(f"--model {model_id!r} is a file; give a model folder or a Hub model id.")
 
