@@ -965,28 +965,72 @@ class QuestionAnsweringPipeline(Pipeline):
         )
         max_seq_len = min(max_seq_len or 384, limit)
         doc_stride = min(doc_stride if doc_stride is not None else 128, max_seq_len // 2)
+        # The windows are cut here, not by the tokenizer's truncation with
+        # return_overflowing_tokens: tokenizers 0.23.1 and 0.23.2 stop tokenizing a truncated
+        # input at max_length, so their overflowing windows end before a long context does
+        # (huggingface/tokenizers#2091). The pair is tokenized whole, once; each window keeps
+        # the tokens around the context (special tokens, question) and a slice of the context's
+        # tokens, as truncating the second sequence would.
         encoded = self.tokenizer(
             example["question"],
             example["context"],
-            truncation="only_second",
-            max_length=max_seq_len,
-            stride=doc_stride,
-            return_overflowing_tokens=True,
+            truncation=False,
+            padding=False,
             return_offsets_mapping=True,
-            padding=True,
-            return_tensors="pt",
+            verbose=False,  # a context longer than the model's limit is what windows are for
         )
-        windows = encoded["input_ids"].shape[0]
-        context_mask = torch.tensor(
-            [[sid == 1 for sid in encoded.sequence_ids(i)] for i in range(windows)]
-        )
+        sequence_ids = encoded.sequence_ids()
+        total = len(sequence_ids)
+        in_context = [i for i, sid in enumerate(sequence_ids) if sid == 1]
+        first, last = (in_context[0], in_context[-1] + 1) if in_context else (total, total)
+        if in_context != list(range(first, last)):
+            raise ValueError("the tokenizer does not keep the context's tokens together.")
+        room = max_seq_len - (total - (last - first))  # context tokens that fit in a window
+        if room < 1:
+            raise ValueError(
+                f"the question takes {total - (last - first)} tokens with the special tokens, "
+                f"max_seq_len={max_seq_len} leaves none for the context; pass a larger "
+                "max_seq_len or a shorter question."
+            )
+        step = max(room - doc_stride, 1)  # consecutive windows share doc_stride tokens
+        spans, begin = [], first
+        while True:
+            spans.append((begin, min(begin + room, last)))
+            if begin + room >= last:
+                break
+            begin += step
+
+        def window(values, a, b):
+            return list(values[:first]) + list(values[a:b]) + list(values[last:])
+
+        pads = {
+            "input_ids": self.tokenizer.pad_token_id or 0,  # padding is masked out
+            "attention_mask": 0,
+            "token_type_ids": getattr(self.tokenizer, "pad_token_type_id", 0),
+            "offset_mapping": (0, 0),
+            "context_mask": False,
+        }
+        rows = {
+            key: [window(encoded[key], a, b) for a, b in spans]
+            for key in ("input_ids", "attention_mask", "token_type_ids", "offset_mapping")
+            if key in encoded
+        }
+        rows["context_mask"] = [window([sid == 1 for sid in sequence_ids], a, b) for a, b in spans]
+        width = max(len(row) for row in rows["input_ids"])
+        left = getattr(self.tokenizer, "padding_side", "right") == "left"
+        for key, values in rows.items():
+            for i, row in enumerate(values):
+                fill = [pads[key]] * (width - len(row))
+                values[i] = fill + row if left else row + fill
         model_inputs = {
-            k: encoded[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoded
+            k: torch.tensor(rows[k])
+            for k in ("input_ids", "attention_mask", "token_type_ids")
+            if k in rows
         }
         return {
             "model_inputs": model_inputs,
-            "offsets": encoded["offset_mapping"],
-            "context_mask": context_mask,
+            "offsets": torch.tensor(rows["offset_mapping"]),
+            "context_mask": torch.tensor(rows["context_mask"]),
             "context": example["context"],
         }
 

@@ -14,7 +14,7 @@ import warnings
 import torch
 
 from .graph import Graph
-from .lower import unsupported
+from .lower import NOT_SUPPORTED, unsupported
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -24,6 +24,27 @@ def _meta(model: torch.nn.Module) -> dict:
         "model_class": type(model).__name__,
         "model_type": getattr(model.config, "model_type", ""),
     }
+
+
+def _refused_by_export(model: torch.nn.Module, error: Exception) -> bool:
+    """Whether ``error`` from ``torch.export`` says that the model's code cannot be traced with
+    symbolic sizes (rather than a bug): the sizes' constraints are violated or a guard depends on
+    data, or any error for an architecture known not to compile. On torch 2.11 DeBERTa-v2's
+    ``permute(...).contiguous()`` adds a guard that export's constraint solver cannot prove for
+    every sequence length ("Constraints violated (seq)!"), before the compiler sees its graph.
+    """
+    from torch._dynamo.exc import UserError, UserErrorType
+    from torch.fx.experimental import symbolic_shapes
+
+    if isinstance(error, UserError) and error.error_type == UserErrorType.CONSTRAINT_VIOLATION:
+        return True
+    refusals = (
+        symbolic_shapes.ConstraintViolationError,
+        symbolic_shapes.GuardOnDataDependentSymNode,
+    )
+    if isinstance(error, refusals):
+        return True
+    return getattr(model.config, "model_type", "") in NOT_SUPPORTED
 
 
 def model_inputs(model: torch.nn.Module) -> list[str]:
@@ -86,7 +107,17 @@ def capture(model: torch.nn.Module, inputs: dict[str, torch.Tensor] | None = Non
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         reference = model(**inputs, return_dict=True)
-        exported = torch.export.export(model, (), inputs, dynamic_shapes=dynamic, strict=False)
+        try:
+            exported = torch.export.export(model, (), inputs, dynamic_shapes=dynamic, strict=False)
+        except Exception as e:
+            if not _refused_by_export(model, e):
+                raise
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            raise unsupported(
+                _meta(model),
+                f"torch.export (torch {torch.__version__}) could not trace it with symbolic "
+                f"batch and sequence sizes: {type(e).__name__}: {' '.join(lines[:3])}",
+            ) from e
         exported = exported.run_decompositions({})
 
     gm = exported.graph_module

@@ -319,6 +319,27 @@ def test_unsupported_architecture_gets_a_clear_message(arch):
     assert "docs/models.md" in message
 
 
+class _BranchesOnLength(transformers.BertModel):
+    """Python control flow on the sequence length: torch.export cannot keep it symbolic."""
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, **kwargs):
+        if input_ids.shape[1] > 8:
+            kwargs["output_hidden_states"] = False
+        return super().forward(input_ids, attention_mask, token_type_ids, **kwargs)
+
+
+def test_a_graph_that_export_cannot_keep_symbolic_gets_a_clear_message():
+    """Export's own refusal (on torch 2.11 DeBERTa-v2 gets one) is an UnsupportedGraph too."""
+    model = _BranchesOnLength(transformers.BertConfig(**TINY)).eval()
+    with pytest.raises(UnsupportedGraph) as info:
+        optimize(model)
+    message = str(info.value)
+    assert "(model_type 'bert') cannot be compiled: torch.export" in message, message
+    assert "could not trace it with symbolic batch and sequence sizes" in message, message
+    assert "Constraints violated (seq)" in message, message
+    assert isinstance(info.value.__cause__, torch._dynamo.exc.UserError)
+
+
 def test_multiple_choice_is_refused_before_export(device):
     model = transformers.BertForMultipleChoice(transformers.BertConfig(**TINY)).eval()
     with pytest.raises(UnsupportedGraph, match=r"\[batch, choices, seq\].*compile the base"):

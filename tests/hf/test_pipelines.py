@@ -211,3 +211,34 @@ def test_question_answering_pipeline_picks_the_span_in_the_context(tiny):
     assert got["score"] > 0.9
     top = answer({"question": "who", "context": context}, top_k=2, max_seq_len=24, doc_stride=8)
     assert [t["answer"] for t in top][0] == "paris" and len(top) == 2
+
+
+@pytest.mark.parametrize(("max_seq_len", "doc_stride"), [(24, 8), (48, 16), (20, 0)])
+def test_question_answering_windows_cover_the_whole_context(tiny, max_seq_len, doc_stride):
+    """[CLS] question [SEP] slice [SEP] windows whose slices run from the context's first token
+    to its last, each sharing doc_stride tokens with the one before (tokenizers 0.23.1 and 0.23.2
+    return overflowing windows that stop short of a long context)."""
+    ckpt = tiny.checkpoint("question-answering")
+    tokenizer = ckpt.tokenizer
+    answer = QuestionAnsweringPipeline(model=ckpt.eager, tokenizer=tokenizer, device="cpu")
+    question = "where does bob live"
+    context = "alice lives in paris and bob lives in london . " + LONG
+    whole = tokenizer(context, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    asked = tokenizer(question, add_special_tokens=False)["input_ids"]
+    windows = answer.preprocess(
+        {"question": question, "context": context}, max_seq_len=max_seq_len, doc_stride=doc_stride
+    )
+    ids, mask = windows["model_inputs"]["input_ids"], windows["context_mask"]
+    assert ids.shape[1] <= max_seq_len and len(ids) > 2
+    head = [tokenizer.cls_token_id, *asked, tokenizer.sep_token_id]
+    end = 0
+    for w in range(len(ids)):
+        assert ids[w, : len(head)].tolist() == head
+        offsets = windows["offsets"][w][mask[w]].tolist()
+        # each window starts doc_stride tokens before the end of the one before
+        begin = end - doc_stride if w else 0
+        end = begin + len(offsets)
+        assert offsets == [list(o) for o in whole["offset_mapping"][begin:end]], (w, begin)
+        assert ids[w][mask[w]].tolist() == whole["input_ids"][begin:end]
+        assert ids[w, len(head) + len(offsets)] == tokenizer.sep_token_id
+    assert end == len(whole["input_ids"])
