@@ -388,14 +388,8 @@ def linear_reference(
     if activation not in _ACTIVATION_IDS:
         raise ValueError(f"activation={activation!r} is not supported; use one of {ACTIVATIONS}")
     y = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
-    if activation == "gelu":
-        y = F.gelu(y, approximate="none")
-    elif activation == "gelu_tanh":
-        y = F.gelu(y, approximate="tanh")
-    elif activation == "tanh":
-        y = torch.tanh(y)
-    elif activation == "relu":
-        y = torch.relu(y)
+    if activation is not None:
+        y = _TORCH_ACTIVATIONS[activation](y)
     if residual is not None:
         y = y + residual.float()
     return y.to(out_dtype or x.dtype)
