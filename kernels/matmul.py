@@ -2,7 +2,9 @@
 
 Every dense layer of a BERT-family encoder (QKV projection, attention output, both FFN layers,
 pooler, classifier) is this one kernel, so the bias, the activation and the residual add are
-applied to the fp32 accumulator in registers and the result is written to memory once.
+applied to the fp32 accumulator in registers and the result is written to memory once. For few
+rows, ``GemmConfig.split_k`` spreads K over several programs per output tile; the last of them
+to finish sums the fp32 partials in a fixed order and applies the same epilogue.
 
 >>> import torch
 >>> from optimum_disc.kernels.matmul import linear, linear_reference, TOLERANCES
@@ -15,7 +17,7 @@ applied to the fp32 accumulator in registers and the result is written to memory
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +83,9 @@ class GemmConfig:
     # through torch (the tiles are unused), with the epilogue as separate torch ops. The tuner
     # times both, since cuBLAS wins some shapes (fp32 above all, where this kernel runs on FMA).
     backend: str = "triton"
+    # Programs per output tile, each summing one slice of K (split-K, see `_linear_kernel`):
+    # for few rows, where the tiles alone would leave most SMs idle. 1 is the plain kernel.
+    split_k: int = 1
 
     def __post_init__(self):
         if self.backend not in ("triton", "cublas"):
@@ -96,22 +101,34 @@ class GemmConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"GemmConfig.{name}={v!r}: use an integer >= 1")
+        v = self.split_k
+        if isinstance(v, bool) or not isinstance(v, int) or v not in (1, 2, 4, 8, 16):
+            raise ValueError(
+                f"GemmConfig.split_k={v!r}: use a power of two from 1 to 16 (1, 2, 4, 8 or 16)"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> GemmConfig:
+        # Fields added after the first saved artifacts; dicts saved before them still load, with
+        # the defaults (the Triton backend, no split-K).
+        optional = {"backend": "triton", "split_k": 1}
         names = [f.name for f in fields(cls)]
-        missing = [n for n in names if n not in d and n != "backend"]
+        missing = [n for n in names if n not in d and n not in optional]
         unknown = [k for k in d if k not in names]
         if missing or unknown:
             raise ValueError(
                 f"GemmConfig.from_dict({d!r}): missing keys {missing}, unknown keys {unknown}; "
                 f"expected exactly {names}"
             )
-        values = {n: int(d[n]) for n in names if n != "backend"}
-        return cls(**values, backend=str(d.get("backend", "triton")))
+        values = {n: int(d[n]) for n in names if n not in optional}
+        return cls(
+            **values,
+            backend=str(d.get("backend", optional["backend"])),
+            split_k=int(d.get("split_k", optional["split_k"])),
+        )
 
     def smem_bytes(self, dtype: torch.dtype) -> int:
         """Shared memory of the pipelined operand buffers, the part that grows with the tiles."""
@@ -129,12 +146,68 @@ def _tanh(x):
 
 
 @triton.jit
+def _epilogue(
+    acc,
+    offs_m,
+    offs_n,
+    M,
+    N,
+    b_ptr,
+    r_ptr,
+    y_ptr,
+    stride_rm,
+    stride_ym,
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+):
+    # Bias, activation and residual on the fp32 accumulator, then one cast and one store.
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    if ACTIVATION == 1:  # gelu, exact erf form as torch's approximate="none"
+        acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
+    elif ACTIVATION == 2:  # gelu_tanh, torch's approximate="tanh"
+        inner = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
+        acc = 0.5 * acc * (1.0 + _tanh(inner))
+    elif ACTIVATION == 3:
+        acc = _tanh(acc)
+    elif ACTIVATION == 4:
+        acc = tl.maximum(acc, 0.0)
+
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    offs_m64 = offs_m.to(tl.int64)
+    if HAS_RESIDUAL:
+        r_ptrs = r_ptr + offs_m64[:, None] * stride_rm + offs_n[None, :]
+        acc += tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
+    y_ptrs = y_ptr + offs_m64[:, None] * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _partial(ws_ptr, s, acc, pid_k, M, N, offs_m, offs_n, mask):
+    # Partial sum of K slice s of this tile: the workspace's copy, or the calling program's own
+    # accumulator for its own slice (the same fp32 values, so the sum does not depend on which
+    # program finishes the tile). ".cg" reads from L2, past this SM's L1.
+    rows = (s * M + offs_m).to(tl.int64)
+    p = tl.load(
+        ws_ptr + rows[:, None] * N + offs_n[None, :],
+        mask=tl.where(pid_k == s, False, mask),
+        other=0.0,
+        cache_modifier=".cg",
+    )
+    return tl.where(pid_k == s, acc, p)
+
+
+@triton.jit
 def _linear_kernel(
     x_ptr,
     w_ptr,
     b_ptr,
     r_ptr,
     y_ptr,
+    ws_ptr,
+    cnt_ptr,
     M,
     N,
     K,
@@ -152,6 +225,7 @@ def _linear_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
     # Programs walk the output in column-major super-blocks of GROUP_M row tiles, so the weight
     # tiles a wave of programs reads are shared through L2 instead of streamed once per row.
@@ -178,8 +252,22 @@ def _linear_kernel(
     # the compiler picks the K-contiguous shared-memory layout that the MMA accepts.
     w_ptrs = w_ptr + offs_k[:, None] + cols[None, :] * stride_wn
 
+    if SPLIT_K == 1:
+        k_first = 0
+        k_end = tl.cdiv(K, BLOCK_K)
+    else:
+        # Program (tile, pid_k) sums K blocks [k_first, k_end): runs of ceil(blocks / SPLIT_K)
+        # blocks, so the last slice is shorter, or empty when K has fewer blocks than slices.
+        pid_k = tl.program_id(1)
+        k_blocks = tl.cdiv(K, BLOCK_K)
+        per_slice = tl.cdiv(k_blocks, SPLIT_K)
+        k_first = pid_k * per_slice
+        k_end = tl.minimum(k_first + per_slice, k_blocks)
+        x_ptrs += k_first * BLOCK_K
+        w_ptrs += k_first * BLOCK_K
+
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kk in range(0, tl.cdiv(K, BLOCK_K)):
+    for kk in range(k_first, k_end):
         if EVEN_K:
             a = tl.load(x_ptrs)
             b = tl.load(w_ptrs)
@@ -199,26 +287,68 @@ def _linear_kernel(
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
 
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0)
-        acc += bias.to(tl.float32)[None, :]
-    if ACTIVATION == 1:  # gelu, exact erf form as torch's approximate="none"
-        acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
-    elif ACTIVATION == 2:  # gelu_tanh, torch's approximate="tanh"
-        inner = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
-        acc = 0.5 * acc * (1.0 + _tanh(inner))
-    elif ACTIVATION == 3:
-        acc = _tanh(acc)
-    elif ACTIVATION == 4:
-        acc = tl.maximum(acc, 0.0)
-
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    offs_m64 = offs_m.to(tl.int64)
-    if HAS_RESIDUAL:
-        r_ptrs = r_ptr + offs_m64[:, None] * stride_rm + offs_n[None, :]
-        acc += tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
-    y_ptrs = y_ptr + offs_m64[:, None] * stride_ym + offs_n[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    if SPLIT_K == 1:
+        _epilogue(
+            acc,
+            offs_m,
+            offs_n,
+            M,
+            N,
+            b_ptr,
+            r_ptr,
+            y_ptr,
+            stride_rm,
+            stride_ym,
+            HAS_BIAS,
+            HAS_RESIDUAL,
+            ACTIVATION,
+        )
+    else:
+        # "The last program of a tile finishes it": every program stores its fp32 partial in
+        # the workspace [SPLIT_K, M, N] and counts itself in on the tile's counter; the one
+        # that sees SPLIT_K - 1 earlier arrivals sums the partials in slice order (0, 1, ...,
+        # so the result is deterministic), applies the epilogue and resets the counter to 0
+        # for the next launch. No program waits for another, so no schedule can deadlock.
+        #
+        # Memory ordering (PTX model): the barrier makes every thread's partial stores happen
+        # before the counter update, which one thread of the program issues; acq_rel at GPU
+        # scope publishes them (release) and, in the last program, orders the loads of the
+        # other partials after the other programs' releases (acquire). Triton broadcasts the
+        # scalar atomic's result to the program's threads through shared memory behind a
+        # barrier, which carries the acquire to every thread; the partials are read with
+        # ".cg" (from L2) all the same. Triton 3.9's sm_90 PTX for this reads: bar.sync;
+        # thread 0 atom.global.gpu.acq_rel.add; st.shared; bar.sync; ld.shared (it adds a
+        # barrier of its own before the atomic; the explicit one covers older versions).
+        # Rows and columns past M and N are never stored: row s * M + m of slice s would be a
+        # row of slice s + 1.
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        ws_rows = (pid_k * M + offs_m).to(tl.int64)
+        ws_ptrs = ws_ptr + ws_rows[:, None] * N + offs_n[None, :]
+        tl.store(ws_ptrs, acc, mask=mask, cache_modifier=".cg")
+        tl.debug_barrier()
+        arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            total = _partial(ws_ptr, 0, acc, pid_k, M, N, offs_m, offs_n, mask)
+            for s in tl.static_range(1, SPLIT_K):
+                total += _partial(ws_ptr, s, acc, pid_k, M, N, offs_m, offs_n, mask)
+            # Every program of this tile has counted itself in, so nothing of this launch
+            # touches the counter again; the next launch (stream order) sees 0.
+            tl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed", scope="gpu")
+            _epilogue(
+                total,
+                offs_m,
+                offs_n,
+                M,
+                N,
+                b_ptr,
+                r_ptr,
+                y_ptr,
+                stride_rm,
+                stride_ym,
+                HAS_BIAS,
+                HAS_RESIDUAL,
+                ACTIVATION,
+            )
 
 
 def _check_matrix(name: str, t: torch.Tensor, shape: tuple[int, int] | None = None) -> None:
@@ -292,6 +422,9 @@ def linear(
     [M, N] with unit last stride. The output dtype is out's, or x's when out is None. out may be
     residual itself (in-place residual add) but must not overlap x or weight. fp32 inputs are
     multiplied in true fp32 (never TF32); fp16/bf16 use tensor cores with fp32 accumulation.
+    A config with split_k > 1 is still one launch; it takes an fp32 workspace [split_k, M, N]
+    per call and the device's shared tile counters (see `_COUNTERS` for the one rule: no two
+    split-K launches on one device may run concurrently, e.g. on unordered streams).
 
     >>> import torch
     >>> x = torch.randn(5, 32)
@@ -314,13 +447,23 @@ def linear(
         else:
             return _linear_cublas(x, weight, bias, activation, residual, out)
     upcast = x.dtype == torch.bfloat16 and interpreted()
-    grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),)
+    tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
+    if config.split_k == 1:
+        grid = (tiles,)
+        workspace = counters = x  # never read: SPLIT_K is 1
+    else:
+        grid = (tiles, config.split_k)
+        # Every element that is read back is written first, in the same launch.
+        workspace = torch.empty((config.split_k, m, n), dtype=torch.float32, device=x.device)
+        counters = _tile_counters(x.device, tiles)
     _linear_kernel[grid](
         x,
         weight,
         bias if bias is not None else x,  # never read: HAS_BIAS is False
         residual if residual is not None else x,  # never read: HAS_RESIDUAL is False
         out,
+        workspace,
+        counters,
         m,
         n,
         k,
@@ -338,10 +481,42 @@ def linear(
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
         GROUP_M=config.group_m,
+        SPLIT_K=config.split_k,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
     return out
+
+
+# Split-K tile counters, one zeroed int32 buffer per (device, size), shared by every split-K
+# launch on that device and never freed. Each launch leaves the counters it used at 0 (the
+# last program of a tile resets its counter), so no call does any host work or extra launch to
+# clear them, and a launch captured in a CUDA graph keeps a valid buffer for every replay.
+# Allocating zeros per call instead would be safe without any rule but costs a fill kernel per
+# GEMM, about as much as split-K saves on the small GEMMs it is for.
+# The rule that comes with sharing: split-K launches on one device that may run at the same
+# time (on streams with no ordering between them, graphs replayed on such streams included)
+# would count on the same counters and give wrong results. Launches in one stream are ordered,
+# and the runtime serialises the calls of a model with its lock and launches them (or replays
+# their graphs) on the caller's current stream; callers that run models concurrently on
+# several streams of one device must keep split-K configs out (split_k=1 needs no counters).
+# A launch that dies half-way leaves counters non-zero, but such a device error ends the CUDA
+# context anyway.
+_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    size = max(1024, triton.next_power_of_2(tiles))
+    found = _COUNTERS.get((device, size))
+    if found is not None:
+        return found
+    counters = torch.zeros(size, dtype=torch.int32, device=device)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # First split-K launch of this size inside a graph capture: the zeroing is captured
+        # with the launch and replayed before it, but it never runs eagerly, so the buffer
+        # is not kept for eager calls.
+        return counters
+    return _COUNTERS.setdefault((device, size), counters)
 
 
 def _linear_cublas(x, weight, bias, activation, residual, out):
@@ -414,10 +589,10 @@ def m_bucket(m: int) -> int:
     return min(max(16, triton.next_power_of_2(m)), 65536)
 
 
-def _clamp(cfg: tuple[int, int, int, int, int], bucket: int, n: int, k: int) -> GemmConfig:
+def _clamp(cfg: tuple[int, ...], bucket: int, n: int, k: int) -> GemmConfig:
     # Tiles wider than the problem only add masked work, so each side is cut to the problem's
-    # next power of two (at least 16, tl.dot's minimum).
-    bm, bn, bk, warps, stages = cfg
+    # next power of two (at least 16, tl.dot's minimum). An optional sixth entry is split_k.
+    bm, bn, bk, warps, stages, *split = cfg
     return GemmConfig(
         block_m=min(bm, bucket),
         block_n=min(bn, max(16, triton.next_power_of_2(n))),
@@ -425,7 +600,13 @@ def _clamp(cfg: tuple[int, int, int, int, int], bucket: int, n: int, k: int) -> 
         group_m=8,
         num_warps=warps,
         num_stages=stages,
+        split_k=split[0] if split else 1,
     )
+
+
+def _split_fits(cfg: GemmConfig, k: int) -> bool:
+    """Whether every K slice of a split-K config still spans at least one whole K block."""
+    return k // cfg.split_k >= cfg.block_k
 
 
 # (block_m, block_n, block_k, num_warps, num_stages). Small M is bound by reading the weight
@@ -454,12 +635,26 @@ def _default_config(m: int, n: int, k: int, dtype: torch.dtype, interp: bool) ->
     bucket = m_bucket(m)
     fp32 = dtype == torch.float32
     if bucket in _DEFAULT_SMALL:
-        return _clamp(_DEFAULT_SMALL[bucket][fp32], bucket, n, k)
+        return _default_split_k(_clamp(_DEFAULT_SMALL[bucket][fp32], bucket, n, k), m, n, k)
     ladder = _DEFAULT_LARGE["fp32" if fp32 else "16bit"]
     for cfg in map(functools.partial(_clamp, bucket=bucket, n=n, k=k), ladder):
         if triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n) >= _SM_COUNT:
             return cfg
     return _clamp(ladder[-1], bucket, n, k)
+
+
+def _default_split_k(cfg: GemmConfig, m: int, n: int, k: int) -> GemmConfig:
+    # Few rows and a long K (BERT's FFN down projection, K = 3072 or 4096): the tiles alone
+    # give a few dozen programs that each stream a full K of the weight while most SMs idle.
+    # Split K while the programs still fit in one wave and each slice keeps at least four K
+    # blocks of pipelined loads; shorter K is left to the tuner.
+    if k < 2048:
+        return cfg
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    split = 1
+    while split < 8 and tiles * split * 2 <= _SM_COUNT and k // (split * 2) >= 4 * cfg.block_k:
+        split *= 2
+    return replace(cfg, split_k=split)
 
 
 def default_config(m: int, n: int, k: int, dtype: torch.dtype) -> GemmConfig:
@@ -531,21 +726,46 @@ _CANDIDATES = {
 }
 
 
+# Split-K candidates for the small-M regime (m_bucket <= 256), the same tuples with split_k
+# sixth. A slice needs at least one whole K block, so short K keeps only the lower splits.
+_SPLIT_K_CANDIDATES = {
+    "16bit": (
+        (64, 32, 128, 4, 4, 2),
+        (64, 32, 128, 4, 4, 4),
+        (64, 32, 64, 4, 4, 8),
+        (64, 64, 128, 4, 3, 4),
+        (64, 64, 64, 4, 4, 4),
+        (64, 64, 64, 4, 4, 8),
+    ),
+    "fp32": (
+        (64, 32, 64, 4, 3, 2),
+        (64, 32, 64, 4, 3, 4),
+        (64, 32, 64, 4, 3, 8),
+        (64, 64, 32, 4, 3, 4),
+        (64, 64, 32, 4, 3, 8),
+        (32, 64, 64, 4, 3, 4),
+    ),
+}
+
+
 def candidate_configs(m: int, n: int, k: int, dtype: torch.dtype) -> list[GemmConfig]:
     """Configs worth timing on Hopper for this shape and dtype; the default comes first.
 
     >>> import torch
     >>> cands = candidate_configs(4096, 768, 768, torch.bfloat16)
-    >>> default_config(4096, 768, 768, torch.bfloat16) == cands[0], len(cands) <= 16
+    >>> default_config(4096, 768, 768, torch.bfloat16) == cands[0], len(cands) <= 20
     (True, True)
     """
     default = default_config(m, n, k, dtype)
     bucket = m_bucket(m)
     key = ("fp32" if dtype == torch.float32 else "16bit", "small" if bucket <= 256 else "large")
     found = [default]
-    for cfg in _CANDIDATES[key]:
+    tuples = _CANDIDATES[key]
+    if key[1] == "small":
+        tuples += _SPLIT_K_CANDIDATES[key[0]]
+    for cfg in tuples:
         c = _clamp(cfg, bucket, n, k)
-        if c not in found and c.smem_bytes(dtype) <= _SMEM_BUDGET:
+        if c not in found and c.smem_bytes(dtype) <= _SMEM_BUDGET and _split_fits(c, k):
             found.append(c)
     return found
 

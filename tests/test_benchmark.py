@@ -201,3 +201,204 @@ def test_default_tokenizer_when_installed():
     batches, stats = benchmark.make_batches(TEXTS * 20, tok, 512, 64, "cpu")
     assert stats["texts"] == 120 and stats["batches"] == 2
     assert batches[0]["input_ids"].shape[0] == 64 and batches[1]["input_ids"].shape[0] == 56
+
+
+TINY_ARCHITECTURES = {
+    "tiny": "bert",
+    "tiny-roberta": "roberta",
+    "tiny-distilbert": "distilbert",
+    "tiny-deberta-v2": "deberta-v2",
+    "tiny-modernbert": "modernbert",
+}
+
+
+def test_builtin_configs_without_a_hub(tmp_path):
+    roberta = benchmark.resolve_config("roberta-base")
+    assert type(roberta).__name__ == "RobertaConfig"
+    assert (roberta.vocab_size, roberta.max_position_embeddings, roberta.pad_token_id) == (
+        50265,
+        514,
+        1,
+    )
+    assert benchmark.max_sequence_length(roberta) == 512 and roberta._attn_implementation == "sdpa"
+    distil = benchmark.resolve_config("distilbert-base-uncased")
+    assert (distil.model_type, distil.n_layers, distil.dim, distil.hidden_dim) == (
+        "distilbert",
+        6,
+        768,
+        3072,
+    )
+    deberta = benchmark.resolve_config("microsoft/deberta-v3-base")  # a Hub id names it too
+    assert deberta.model_type == "deberta-v2" and deberta.pos_att_type == ["p2c", "c2p"]
+    assert (deberta.position_buckets, deberta.type_vocab_size, deberta.hidden_size) == (256, 0, 768)
+    assert deberta._attn_implementation == "eager"  # DeBERTa-v2 has no SDPA attention
+    modern = benchmark.resolve_config("modernbert-base")
+    assert (modern.num_hidden_layers, modern.intermediate_size, modern.local_attention) == (
+        22,
+        1152,
+        128,
+    )
+    assert modern.layer_types[:3] == ["full_attention", "sliding_attention", "sliding_attention"]
+    assert modern.rope_parameters["full_attention"]["rope_theta"] == 160000.0
+    assert modern.rope_parameters["sliding_attention"]["rope_theta"] == 10000.0
+    assert modern.classifier_pooling == "mean" and modern._attn_implementation == "sdpa"
+    for name in ("roberta-base", "distilbert-base-uncased", "deberta-v3-base", "modernbert-base"):
+        assert benchmark.resolve_config(name).num_labels == 5, name
+
+    for name, model_type in TINY_ARCHITECTURES.items():
+        cfg = benchmark.resolve_config(name)
+        assert cfg.model_type == model_type and cfg.num_hidden_layers == 2, name
+        assert benchmark.max_sequence_length(cfg) == 64, name
+        folder = tmp_path / name
+        cfg.save_pretrained(folder)  # a config.json of that model type
+        again = benchmark.resolve_config(str(folder / "config.json"))
+        assert type(again) is type(cfg) and again.hidden_size == cfg.hidden_size, name
+
+    with pytest.raises(ValueError, match="neither a known name"):
+        benchmark.resolve_config("bert-large-nope")
+
+
+def test_config_lists_and_dataset_batches():
+    assert benchmark.parse_configs(" tiny, tiny-roberta,,tiny ") == ("tiny", "tiny-roberta")
+    assert benchmark.config_keys(["tiny", "tiny-roberta"]) == ["tiny", "tiny-roberta"]
+    keys = ["tiny", "tiny-roberta", "tiny-distilbert"]
+    assert benchmark.parse_dataset_configs(None, keys) == ["tiny"]
+    assert benchmark.parse_dataset_configs("all", keys) == keys
+    assert benchmark.parse_dataset_configs("tiny-distilbert,tiny", keys) == [
+        "tiny",
+        "tiny-distilbert",
+    ]
+    with pytest.raises(ValueError, match="not among --config"):
+        benchmark.parse_dataset_configs("roberta-base", keys)
+    with pytest.raises(ValueError, match="unknown DiscSettings"):
+        benchmark.check_disc_settings({"no_such_setting": 1})
+
+    # Batches padded with the tokenizer's 0: RoBERTa pads with its own id (1), and a real token
+    # equal to it becomes another; DistilBERT takes no token_type_ids.
+    ids = torch.tensor([[5, 1, 7, 0], [6, 8, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+    roberta = benchmark.resolve_config("tiny-roberta")
+    names = benchmark.model_input_names(benchmark.build_model(roberta, "cpu"))
+    (b,) = benchmark.batches_for([batch], roberta, names)
+    assert b["input_ids"].tolist() == [[5, 2, 7, 1], [6, 8, 1, 1]]
+    assert set(b) == {"input_ids", "attention_mask", "token_type_ids"}
+    distil = benchmark.resolve_config("tiny-distilbert")
+    names = benchmark.model_input_names(benchmark.build_model(distil, "cpu"))
+    (b,) = benchmark.batches_for([batch], distil, names)
+    assert set(b) == {"input_ids", "attention_mask"} and b["input_ids"] is ids
+    shape = benchmark.shape_inputs((4, 64), 3, "cpu", seed=0, pad_token_id=1)
+    assert not (shape["input_ids"] == 1).any()
+
+
+def test_benchmark_over_two_configs(tmp_path, tokenizer):
+    """A tiny BERT and a tiny RoBERTa in one run: both in the results, disc agrees with eager."""
+    out = tmp_path / "results"
+    results = benchmark.run_benchmark(
+        peers=("eager_fp32", "disc_fp32"),
+        shapes=((2, 8),),
+        config="tiny,tiny-roberta",
+        texts=TEXTS,
+        dataset_configs="tiny-roberta",  # pads with RoBERTa's id, 1
+        batch_size=4,
+        tokenizer=tokenizer,
+        warmup=1,
+        iters=2,
+        device="cpu",
+        output_dir=out,
+        progress=False,
+    )
+    assert not results["errors"], results["errors"]
+    assert not results["skipped"]
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["configs"] == ["tiny", "tiny-roberta"]
+    assert list(saved["by_config"]) == ["tiny", "tiny-roberta"] and "results" not in saved
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for key, model_class in (
+        ("tiny", "BertForSequenceClassification"),
+        ("tiny-roberta", "RobertaForSequenceClassification"),
+    ):
+        section = saved["by_config"][key]
+        assert section["config"]["model_class"] == model_class
+        assert section["config"]["parameters"] > 0
+        assert section["results"]["eager_fp32"]["shapes"]["2x8"]["max_abs_diff"] == 0.0
+        disc = section["results"]["disc_fp32"]
+        assert disc["shapes"]["2x8"]["max_abs_diff"] < 1e-4, key
+        assert section["artifact_load"]["max_abs_diff"] < 1e-4, key
+    assert saved["by_config"]["tiny"]["dataset"] is None
+    roberta = saved["by_config"]["tiny-roberta"]
+    assert roberta["dataset"]["texts"] == len(TEXTS) and roberta["dataset"]["pad_token_id"] == 1
+    disc = roberta["results"]["disc_fp32"]["dataset"]
+    assert disc["max_abs_diff"] < 1e-4 and disc["argmax_agreement"] == 1.0
+    assert saved["dataset_configs"] == ["tiny-roberta"]
+
+    table = (out / "results.md").read_text()
+    assert table == benchmark.markdown_table(saved)
+    assert "### tiny\n" in table and "### tiny-roberta\n" in table
+    assert "| config | shape | eager_fp32 | disc_fp32 |" in table
+    assert "| tiny-roberta | 2x8 |" in table and "| tiny-roberta | texts pass |" in table
+    assert "| tiny | texts pass |" not in table
+
+
+def test_a_refused_config_is_a_row_not_a_crash(tmp_path, monkeypatch):
+    """A config optimum-disc refuses (UnsupportedGraph) or fails to compile gets rows with the
+    error's first line; a refusal holds for the other precisions; the run goes on.
+
+    Whether the compiler refuses DeBERTa-v2 and ModernBERT depends on its torch fallback, so
+    ``optimize`` raises here what the compiler raises when it refuses, before any work.
+    """
+    import optimum_disc.compiler
+    from optimum_disc.compiler.lower import unsupported
+
+    calls = []
+    real_optimize = optimum_disc.compiler.optimize
+
+    def optimize(model, settings=None, **kwargs):
+        kind = model.config.model_type
+        calls.append(kind)
+        meta = {"model_class": type(model).__name__, "model_type": kind}
+        if kind == "modernbert":
+            raise unsupported(meta, "aten.rotary (from the test)")
+        if kind == "deberta-v2":
+            raise RuntimeError("compile failed\nsecond line")
+        return real_optimize(model, settings, **kwargs)
+
+    monkeypatch.setattr(optimum_disc.compiler, "optimize", optimize)
+    results = benchmark.run_benchmark(
+        peers=("eager_fp32", "disc_fp32", "disc_fp16"),
+        shapes=((1, 8),),
+        config="tiny-modernbert,tiny-deberta-v2,tiny-distilbert",
+        dataset=None,
+        warmup=0,
+        iters=1,
+        device="cpu",
+        output_dir=tmp_path,
+        progress=False,
+    )
+    by_config = results["by_config"]
+    modern, deberta = (
+        by_config["tiny-modernbert"]["results"],
+        by_config["tiny-deberta-v2"]["results"],
+    )
+    for rows in (modern, deberta):
+        assert rows["eager_fp32"]["shapes"]["1x8"]["median_ms"] > 0
+    for peer in ("disc_fp32", "disc_fp16"):
+        assert modern[peer]["not_supported"] is True, modern[peer]
+        assert modern[peer]["error"].startswith(
+            "not supported: ModernBertForSequenceClassification (model_type 'modernbert') cannot "
+        )
+        assert "\n" not in modern[peer]["error"]
+        assert deberta[peer]["error"] == "RuntimeError: compile failed"
+    assert calls == ["modernbert", "deberta-v2", "deberta-v2", "distilbert", "distilbert"]
+    assert [e["where"] for e in results["errors"]] == [
+        "tiny-modernbert: disc_fp32: build",
+        "tiny-deberta-v2: disc_fp32: build",
+        "tiny-deberta-v2: disc_fp16: build",
+    ]
+    distil = by_config["tiny-distilbert"]["results"]
+    assert distil["disc_fp32"]["shapes"]["1x8"]["max_abs_diff"] < 1e-4
+    assert distil["disc_fp16"]["shapes"]["1x8"]["max_abs_diff"] < 1e-2
+    table = (tmp_path / "results.md").read_text()
+    assert "| tiny-modernbert | 1x8 |" in table
+    assert "| not supported | not supported |" in table and "| error | error |" in table
+    assert "- tiny-modernbert: disc_fp32: build: UnsupportedGraph: " in table

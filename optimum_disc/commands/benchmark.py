@@ -4,10 +4,17 @@ Example:
     optimum-disc benchmark --peers eager_fp16,compile_fp16_cudagraphs,disc_fp16 \\
         --shapes 1x128,32x128 --budget-s 540 --output bench/
 
+    optimum-disc benchmark --peers eager_fp16,compile_fp16_cudagraphs,disc_fp16 \\
+        --config bert-base-multilingual-uncased,roberta-base,distilbert-base-uncased \\
+        --shapes 1x128,32x128 --dataset none --budget-s 280 --output bench/
+
 Writes ``results.json``, ``results.md`` and ``results.png`` into ``--output`` (after each peer,
 so that an interrupted run leaves what it measured), reports progress on stderr and prints the
-markdown table last on stdout. The measurement is described in ``optimum_disc/benchmark.py``.
-This module imports nothing heavy until ``run``, so that the command line starts fast.
+markdown table last on stdout. With several ``--config``, each is measured in turn with the same
+peers and shapes; the results keep them apart (``by_config`` in the JSON, a summary table and a
+section per config in the markdown, a panel per config in the plot). The measurement is
+described in ``optimum_disc/benchmark.py``. This module imports nothing heavy until ``run``, so
+that the command line starts fast.
 """
 
 from __future__ import annotations
@@ -29,6 +36,31 @@ PEERS = (
     "disc_bf16",
 )
 SHAPES = "2x16,1x128,8x128,32x128,128x128,8x512"
+CONFIGS = (
+    "bert-base-multilingual-uncased",
+    "roberta-base",
+    "distilbert-base-uncased",
+    "deberta-v3-base",
+    "modernbert-base",
+    "tiny",
+)
+
+
+def _setting(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` -> ``(key, value)``: true/false, an int, a float, none, else the text."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE (e.g. torch_fallback=false)")
+    low = value.strip().lower()
+    words = {"true": True, "false": False, "none": None}
+    if low in words:
+        return key.strip(), words[low]
+    for kind in (int, float):
+        try:
+            return key.strip(), kind(value)
+        except ValueError:
+            pass
+    return key.strip(), value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,8 +93,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config",
         default="bert-base-multilingual-uncased",
-        help="'bert-base-multilingual-uncased' (default, random weights), 'tiny', or the path "
-        "of a BERT config.json",
+        help="comma-separated configurations to measure in turn, each with random weights and a "
+        f"5-label head: built-in names ({', '.join(CONFIGS)}, and tiny-roberta, "
+        "tiny-distilbert, tiny-deberta-v2, tiny-modernbert for tests), no Hub needed, or "
+        "paths of a config.json of any of these model types (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--dataset-configs",
+        default=None,
+        help="the configs of the data-set pass, among --config, or 'all' (default: the first "
+        "one). It tokenizes with the uncased BERT WordPiece vocabulary (ids < 30,522, valid in "
+        "every built-in vocabulary) and pads on the right with each config's pad_token_id; other "
+        "architectures keep their own vocabulary size",
     )
     parser.add_argument("--warmup", type=int, default=10, help="warm-up calls per shape")
     parser.add_argument("--iters", type=int, default=50, help="timed calls per shape")
@@ -91,6 +133,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="CUDA graphs an optimum-disc model keeps (default: DiscSettings' default)",
     )
     parser.add_argument(
+        "--disc-setting",
+        action="append",
+        type=_setting,
+        default=[],
+        metavar="KEY=VALUE",
+        help="a DiscSettings field for the optimum-disc peers, repeatable (e.g. "
+        "torch_fallback=false where the compiler has it, to have unsupported architectures "
+        "refused instead of partly run by PyTorch); a peer that cannot compile a config gets a "
+        "'not supported: ...' row and the run goes on",
+    )
+    parser.add_argument(
         "--no-compile-cache",
         action="store_true",
         help="turn Inductor's caches off, so that torch.compile times are cold ones",
@@ -109,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
         BenchmarkOptions,
         interrupt,
         markdown_table,
+        parse_configs,
         parse_peers,
         parse_shapes,
         run_benchmark,
@@ -118,8 +172,9 @@ def run(args: argparse.Namespace) -> int:
         options = BenchmarkOptions(
             peers=parse_peers(args.peers),
             shapes=parse_shapes(args.shapes),
-            config=args.config,
+            config=parse_configs(args.config),
             dataset=None if args.dataset == "none" else args.dataset,
+            dataset_configs=args.dataset_configs,
             dataset_repeat=args.dataset_repeat,
             batch_size=args.batch_size,
             tokenizer=args.tokenizer,
@@ -130,6 +185,7 @@ def run(args: argparse.Namespace) -> int:
             budget_s=args.budget_s,
             seed=args.seed,
             max_cuda_graphs=args.max_cuda_graphs,
+            disc_settings=dict(args.disc_setting) or None,
             command=_command_line(),
             compile_cache=not args.no_compile_cache,
             progress=not args.quiet,

@@ -16,7 +16,7 @@ import torch
 
 from optimum_disc.settings import DiscSettings
 
-from . import ops
+from . import ops, torch_ops
 from .capture import capture
 from .graph import Graph
 from .lower import UnsupportedGraph, lower
@@ -67,9 +67,12 @@ def run_passes(g: Graph, dump=None) -> Graph:
     return g
 
 
-def coverage(program: Program, graph_before: Graph, tokens: int = 128) -> dict:
+def coverage(
+    program: Program, graph_before: Graph, graph_after: Graph | None = None, tokens: int = 128
+) -> dict:
     """Which ops ran where, and the share of FLOPs in our kernels, for one sequence of
-    ``tokens`` tokens (matrix products and attention; the rest is memory-bound)."""
+    ``tokens`` tokens (matrix products and attention; the rest is memory-bound). Matrix
+    products left to ``torch`` calls count against the share."""
     flops: dict[str, float] = {}
     for call in program.calls:
         if call.kernel == "linear":
@@ -90,14 +93,27 @@ def coverage(program: Program, graph_before: Graph, tokens: int = 128) -> dict:
     kernels: dict[str, int] = {}
     for call in program.calls:
         kernels[call.kernel] = kernels.get(call.kernel, 0) + 1
-    total = sum(flops.values())
+    total = sum(v for k, v in flops.items() if k != "torch")
+    fallback_flops = 0.0
+    if graph_after is not None and "torch" in kernels:
+        ids = graph_after.input_node("input_ids")
+        b, s = (str(d) for d in ids.meta["val"].shape[:2])
+        sizes = {"B": 1, "S": tokens, "names": {b: "B", s: "S"}}
+        calls = {c.output for c in program.calls if c.kernel == "torch"}
+        for n in graph_after.graph.nodes:
+            if n.op == "call_function" and n.name in calls:
+                fallback_flops += torch_ops.matmul_flops(n, sizes)
+    flops.pop("torch", None)
+    if fallback_flops:
+        flops["torch"] = fallback_flops
+    everything = total + fallback_flops
     return {
         "captured_ops": aten_ops,
         "kernel_calls": kernels,
-        "fallback_ops": {},
+        "fallback_ops": dict(program.meta.get("torch_ops", {})),
         "flops_per_kernel": flops,
         "flops_in_our_kernels": total,
-        "flops_share_in_our_kernels": 1.0 if total else 0.0,
+        "flops_share_in_our_kernels": total / everything if everything else 0.0,
         "tokens_assumed": tokens,
     }
 
@@ -142,10 +158,10 @@ def optimize(
         dump("00_captured.py", captured.gm.code)
     before = captured.copy()
     g = run_passes(captured, dump)
-    program = lower(g)
+    program = lower(g, allow_torch=settings.torch_fallback)
     program = apply_precision(program, settings.compute_dtype)
     program.meta["settings"] = settings.to_dict()
-    report = coverage(program, before)
+    report = coverage(program, before, g)
     device = next(model.parameters()).device
     compiled = CompiledModel(program, settings, device=device, coverage=report)
     if dump:

@@ -8,10 +8,13 @@ on all ``B * S`` positions or on the real tokens only.
 
 from __future__ import annotations
 
+import operator
+import re
+
 import torch
 import torch.fx as fx
 
-from . import ops
+from . import ops, torch_ops
 from .graph import Graph, tensor_shape
 from .program import Buffer, Call, Program
 
@@ -31,6 +34,9 @@ ARCHITECTURES = {
     "roberta": "RoBERTa",
     "xlm-roberta": "XLM-RoBERTa",
     "camembert": "CamemBERT",
+    "mpnet": "MPNet",
+    "deberta-v2": "DeBERTa-v2/v3",
+    "modernbert": "ModernBERT",
 }
 """transformers ``model_type`` -> name, of the architectures whose graphs compile."""
 
@@ -38,29 +44,33 @@ _ARCHITECTURE_NEEDS = {
     "roberta": {"padded_positions"},
     "xlm-roberta": {"padded_positions"},
     "camembert": {"padded_positions"},
+    "mpnet": {"padded_positions", "torch_ops"},
+    "deberta-v2": {"torch_ops"},
+    "modernbert": {"torch_ops"},
 }
 
-NOT_SUPPORTED = {
+NEEDS_TORCH_OPS = {
     "mpnet": (
         "MPNet adds a relative position bias (one learned value per head and bucket of j - i) "
-        "to the attention scores, and the attention kernel takes no bias."
+        "to the attention scores, and the attention kernel takes no bias"
     ),
     "deberta": (
         "DeBERTa's disentangled attention adds content-to-position and position-to-content "
         "scores gathered from relative position embeddings, which the attention kernel does not "
-        "compute."
+        "compute"
     ),
     "deberta-v2": (
         "DeBERTa-v2/v3's disentangled attention adds content-to-position and "
         "position-to-content scores gathered from relative position embeddings, which the "
-        "attention kernel does not compute."
+        "attention kernel does not compute"
     ),
     "modernbert": (
         "ModernBERT rotates queries and keys by rotary position embeddings and uses "
-        "sliding-window (local) attention in most layers; the kernels do neither."
+        "sliding-window (local) attention in most layers; the kernels do neither"
     ),
 }
-"""Known architectures that do not compile, and the kernel features they would need."""
+"""Architectures whose attention runs as PyTorch ops (``torch`` calls), and why."""
+NOT_SUPPORTED = NEEDS_TORCH_OPS  # the name of earlier versions
 
 RUNTIME_FEATURES = {
     "scalar_rows": "outputs of one value per token or per sequence",
@@ -68,6 +78,7 @@ RUNTIME_FEATURES = {
         "refusing inputs whose RoBERTa-style positions differ from s + padding_idx + 1 "
         "(left padding, padding tokens inside a sequence)"
     ),
+    "torch_ops": "operations without a kernel run as PyTorch ops over padded rows",
 }
 """Features some programs need from the runtime, which lists those it has in ``FEATURES``."""
 
@@ -92,9 +103,11 @@ def supported_architectures(features: frozenset[str] | None = None) -> list[str]
 def unsupported(meta: dict, problem: str) -> UnsupportedGraph:
     """The error for a model that does not compile: what, why, and what does compile."""
     model, kind = meta.get("model_class", "the model"), meta.get("model_type") or "?"
-    if kind in NOT_SUPPORTED:
+    if kind in NEEDS_TORCH_OPS and "torch.export" not in problem:
         lines = [
-            f"{model} (model_type {kind!r}) cannot be compiled: {NOT_SUPPORTED[kind]}",
+            f"{model} (model_type {kind!r}) cannot be compiled with torch_fallback=False: "
+            f"{NEEDS_TORCH_OPS[kind]}; those operations run as PyTorch ops with "
+            "torch_fallback=True (the default).",
             f"The compiler stopped at: {problem}",
         ]
     else:
@@ -110,7 +123,7 @@ def unsupported(meta: dict, problem: str) -> UnsupportedGraph:
         + (f"; these need a runtime feature first: {', '.join(pending)}" if pending else "")
         + " (docs/models.md lists heads and precisions, and what is not supported and why)."
     )
-    if kind not in NOT_SUPPORTED and kind not in ARCHITECTURES:
+    if kind not in NEEDS_TORCH_OPS and kind not in ARCHITECTURES:
         lines.append("Please open an issue with this message.")
     return UnsupportedGraph("\n".join(lines))
 
@@ -125,27 +138,47 @@ def _describe(node: fx.Node) -> str:
 
 
 _SQUEEZES = (torch.ops.aten.squeeze.dim, torch.ops.aten.squeeze.dims)
+# The fused ops that lower to kernels when they compute rows from rows.
+_KERNEL_OPS = (
+    ops.embed_layernorm,
+    ops.linear,
+    ops.layer_norm,
+    ops.attention,
+    ops.attention_packed,
+    ops.first_token,
+    ops.pointwise,
+)
 
 
-def lower(g: Graph) -> Program:
+def lower(g: Graph, allow_torch: bool = True) -> Program:
+    """The program of a fused graph. Operations that no kernel covers become ``torch`` calls
+    (see ``torch_ops``) when ``allow_torch``; otherwise they make the model unsupported."""
     ids = g.input_node("input_ids")
     if ids is None:
         raise unsupported(g.meta, "the graph has no input_ids")
     batch_sym, seq_sym = tensor_shape(ids)[:2]
+    sym_names = {batch_sym: "B", seq_sym: "S"}
 
-    def layout(node) -> tuple[str, list[int]]:
+    def size_text(size) -> str:
+        text = str(size)
+        for sym, letter in sym_names.items():
+            text = re.sub(rf"\b{re.escape(sym)}\b", letter, text)
+        if re.search(r"\b[a-z]+\d+\b", text):  # a size that is neither batch nor sequence
+            raise unsupported(
+                g.meta, f"a size {size} depends on the data, not on the batch and sequence"
+            )
+        return text
+
+    def layout(node) -> tuple[str, list]:
         shape = tensor_shape(node)
         if shape is None:
             raise unsupported(g.meta, f"no shape known for {node.name}")
-        if len(shape) >= 2 and shape[:2] == [batch_sym, seq_sym]:
+        concrete = lambda dims: all(d.isdigit() for d in dims)  # noqa: E731
+        if len(shape) >= 2 and shape[:2] == [batch_sym, seq_sym] and concrete(shape[2:]):
             return "tokens", [int(s) for s in shape[2:]]
-        if len(shape) >= 1 and shape[0] == batch_sym:
+        if len(shape) >= 1 and shape[0] == batch_sym and concrete(shape[1:]):
             return "batch", [int(s) for s in shape[1:]]
-        raise unsupported(
-            g.meta,
-            f"{_describe(node)} has shape {shape}, neither [B, S, ...] nor [B, ...]: a value "
-            "that no kernel computes (such as an attention bias over [S, S]).",
-        )
+        return "free", [int(s) if s.isdigit() else size_text(s) for s in shape]
 
     weights: dict[str, torch.Tensor] = {}
     refs: dict[fx.Node, str] = {}
@@ -167,6 +200,8 @@ def lower(g: Graph) -> Program:
     calls: list[Call] = []
     buffers: dict[str, Buffer] = {}
     unmatched = []
+    torch_calls: dict[str, int] = {}
+    keeps_padding: list[str] = []
     requires: dict[str, str] = {}  # runtime feature -> what needs it
     meta = dict(g.meta)
 
@@ -177,6 +212,8 @@ def lower(g: Graph) -> Program:
         shape = tensor_shape(src)
         computed = src in refs and refs[src] == src.name and src.name in buffers
         if not computed or shape is None or len(src.users) != 1:
+            return None
+        if buffers[src.name].layout == "free":
             return None
         if buffers[src.name].shape != [1] or [d % len(shape) for d in dims] != [len(shape) - 1]:
             return None
@@ -189,11 +226,89 @@ def lower(g: Graph) -> Program:
         calls.append(Call(kernel, node.name, inputs, attrs))
         refs[node] = node.name
 
+    def tensor_args(node):
+        found = []
+
+        def walk(v):
+            if isinstance(v, fx.Node):
+                if isinstance(v.meta.get("val"), torch.Tensor) and v not in found:
+                    found.append(v)
+            elif isinstance(v, (list, tuple)):
+                for x in v:
+                    walk(x)
+            elif isinstance(v, dict):
+                for x in v.values():
+                    walk(x)
+
+        walk(node.args)
+        walk(node.kwargs)
+        return found
+
+    def on_rows(node) -> bool:
+        """Whether a kernel can compute ``node``: its value and every tensor it reads are rows
+        (or weights and inputs)."""
+        if layout(node)[0] == "free":
+            return False
+        for a in tensor_args(node):
+            r = refs.get(a)
+            if r is None or (":" not in r and (r not in buffers or buffers[r].layout == "free")):
+                return False
+        return True
+
+    def emit_torch(node, source=None, index=None):
+        source = source or node
+        name = torch_ops.op_name(source.target)
+        if name is None or not allow_torch:
+            unmatched.append(_describe(node))
+            refs[node] = node.name
+            return
+        inputs: dict[str, str | None] = {}
+
+        def tensor_ref(a):
+            r = ref(a)
+            key = next((k for k, v in inputs.items() if v == r), None)
+            if key is None:
+                key = f"t{len(inputs)}"
+                inputs[key] = r
+            if ":" not in r and r in buffers and buffers[r].layout == "tokens":
+                keeps_padding.append(node.name)
+            return key
+
+        def size_expr(a):
+            return size_text(a.meta.get("val"))
+
+        try:
+            args = torch_ops.encode(list(source.args), tensor_ref, size_expr)
+            kwargs = {
+                k: torch_ops.encode(v, tensor_ref, size_expr) for k, v in source.kwargs.items()
+            }
+        except torch_ops.TorchOpError as e:
+            raise unsupported(g.meta, f"{_describe(node)}: {e}") from None
+        attrs = {"op": name, "args": args, "kwargs": kwargs}
+        if index is not None:
+            attrs["index"] = index
+        lay, shape = layout(node)
+        if lay == "tokens":
+            keeps_padding.append(node.name)
+        emit(node, "torch", inputs, attrs)
+        torch_calls[name] = torch_calls.get(name, 0) + 1
+
     for node in g.graph.nodes:
         if node.op in ("placeholder", "output"):
             continue
         t, a = node.target, node.args
-        if t is ops.embed_layernorm:
+        val = node.meta.get("val")
+        if t is operator.getitem and isinstance(a[0], fx.Node):
+            if isinstance(val, torch.Tensor):
+                emit_torch(node, source=a[0], index=a[1])
+            continue
+        if not isinstance(val, torch.Tensor):
+            # Sizes (read where they are used, as expressions of B and S) and tuples (read
+            # through their getitem users).
+            continue
+        if t in _KERNEL_OPS and not on_rows(node):
+            emit_torch(node)
+        elif t is ops.embed_layernorm:
             table, offset = g.constant(a[3]), int(a[8])
             if table is not None:
                 limit = meta.get("max_position_embeddings", table.shape[0])
@@ -271,8 +386,7 @@ def lower(g: Graph) -> Program:
             refs[node] = src
             requires.setdefault("scalar_rows", "")
         else:
-            unmatched.append(_describe(node))
-            refs[node] = node.name
+            emit_torch(node)
     if unmatched:
         listed = "\n  ".join(unmatched[:20])
         more = f"\n  ... and {len(unmatched) - 20} more" if len(unmatched) > 20 else ""
@@ -280,6 +394,14 @@ def lower(g: Graph) -> Program:
             g.meta,
             f"{len(unmatched)} operation(s) have no optimum-disc kernel or rule:\n  {listed}{more}",
         )
+    if torch_calls:
+        names = ", ".join(sorted(torch_calls))
+        requires["torch_ops"] = (
+            f"{sum(torch_calls.values())} operations run as PyTorch ops ({names})"
+        )
+        meta["torch_ops"] = dict(sorted(torch_calls.items()))
+    if keeps_padding:
+        meta["keeps_padding"] = True
 
     out_node = next(n for n in g.graph.nodes if n.op == "output")
     outs = out_node.args[0]
@@ -287,6 +409,12 @@ def lower(g: Graph) -> Program:
     for field, value in zip(g.output_fields, outs):
         if value not in refs or refs[value].startswith(("w:", "p:")):
             raise unsupported(g.meta, f"output {field} is not computed by a kernel")
+        if buffers[refs[value]].layout == "free":
+            raise unsupported(
+                g.meta,
+                f"output {field} has shape {tensor_shape(value)}, neither [batch, seq, ...] nor "
+                "[batch, ...]",
+            )
         outputs[field] = refs[value]
     if "scalar_rows" in requires:
         fields = [f for f, b in outputs.items() if b in buffers and buffers[b].shape == []]

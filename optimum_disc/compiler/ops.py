@@ -110,6 +110,9 @@ def pointwise(expr, *inputs):
     from optimum_disc.kernels.pointwise import pointwise_reference
 
     full = next(t for t, kind in zip(inputs, expr["inputs"]) if kind == "full")
+    if full.dim() == 0:  # a scalar (a constant of the model): one row of one value
+        flat = [t.reshape(1, 1) if kind == "full" else t for t, kind in zip(inputs, expr["inputs"])]
+        return pointwise_reference(expr, flat, out_dtype=full.dtype).reshape(())
     lead = full.shape[:-1]
     flat = [
         t.reshape(-1, t.shape[-1]) if kind == "full" else t

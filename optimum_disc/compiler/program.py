@@ -4,11 +4,14 @@ A program is plain data. It prints as readable code (``Program.code()``), serial
 (``to_dict`` / ``from_dict``) with its weights kept apart (a ``{name: tensor}`` dict that the
 artifact stores as safetensors), and is what the runtime executes.
 
-Buffers live in one of two layouts, named by their leading dimension:
+Buffers live in one of three layouts, named by their leading dimension:
 
 * ``tokens``: one row per token that the program computes, ``R`` rows. With padding removed,
   ``R`` is the number of real tokens in the batch; with padding kept, ``R = batch * seq``.
 * ``batch``: one row per sequence, ``B`` rows (the pooler and the sequence-classification head).
+* ``free``: any other shape (``[B, heads, S, S]`` scores, a table computed from the weights),
+  computed and read only by ``torch`` calls: the ATen ops that no kernel or pass covers, run as
+  PyTorch ops over the padded ``[B, S, ...]`` view of the row buffers (see ``torch_ops``).
 
 The runtime derives the row bookkeeping from ``attention_mask`` once per call (the prologue) and
 turns ``tokens`` outputs back into ``[batch, seq, ...]`` tensors at the end (the epilogue).
@@ -31,10 +34,11 @@ PROLOGUE_VALUES = {
     "cu_seqlens": "first row of each sequence and the total, [B + 1] int32",
     "key_valid": "whether each row may be attended to (None when padding is removed), [R]",
     "first_rows": "row of position 0 of each sequence, [B]",
+    "attention_mask": "the caller's mask padded into the bucket (0 past each sequence), [B, S]",
 }
 
-LAYOUTS = ("tokens", "batch")
-DTYPES = ("float32", "float16", "bfloat16", "int64", "int32")
+LAYOUTS = ("tokens", "batch", "free")
+DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "bool", "int8", "uint8")
 
 
 @dataclass
@@ -43,7 +47,7 @@ class Buffer:
 
     name: str
     layout: str
-    shape: list[int]
+    shape: list  # ints; a ``free`` buffer's dimensions may be symbolic ("B", "S", "2*B")
     dtype: str
 
     def __post_init__(self):
@@ -60,8 +64,10 @@ class Buffer:
         return getattr(torch, self.dtype)
 
     def type_str(self) -> str:
-        lead = "R" if self.layout == "tokens" else "B"
         short = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}.get(self.dtype, self.dtype)
+        if self.layout == "free":
+            return f"{short}[{', '.join(map(str, self.shape))}]"
+        lead = "R" if self.layout == "tokens" else "B"
         return f"{short}[{', '.join([lead, *map(str, self.shape)])}]"
 
 
@@ -105,6 +111,11 @@ class Program:
         )
         for call in self.calls:
             out = self.buffers[call.output]
+            if call.kernel == "torch":
+                from .torch_ops import describe
+
+                lines.append(f"    {out.name}: {out.type_str()} = {describe(call)}")
+                continue
             parts = [f"{k}={_ref(v)}" for k, v in call.inputs.items() if v is not None] + [
                 f"{k}={_attr(v)}" for k, v in call.attrs.items() if k != "config"
             ]
@@ -206,6 +217,10 @@ class Program:
                     )
             if call.output not in self.buffers:
                 raise ValueError(f"call {i} ({call.kernel}) writes undeclared {call.output!r}")
+            if call.kernel == "torch":
+                from .torch_ops import check_call
+
+                check_call(i, call)
             defined.add(call.output)
         for field_name, buf in self.outputs.items():
             if buf not in defined:

@@ -19,12 +19,13 @@ import torch
 
 from optimum_disc.settings import DiscSettings
 
+from . import torch_ops
 from .program import Program
 
 _OUTPUT_MODULE = "transformers.modeling_outputs."
 
 # What this runtime can execute beyond plain kernel calls (lowering asks for them by name).
-FEATURES = ("scalar_rows", "padded_positions")
+FEATURES = ("scalar_rows", "padded_positions", "torch_ops")
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -277,7 +278,11 @@ class CompiledModel:
         real_tokens, first_valid = stats[4], stats[5]
         # Removing padding is exact for every output that reads real tokens only; the first-token
         # pooling reads position 0, so a batch whose position 0 is padding keeps its padding.
-        remove = self.settings.remove_padding and bool(first_valid)
+        remove = (
+            self.settings.remove_padding
+            and bool(first_valid)
+            and not self.program.meta.get("keeps_padding")
+        )
         rows = _bucket(real_tokens, 64) if (remove and graphs) else real_tokens
         rows = min(rows, b_pad * s_pad) if remove else b_pad * s_pad
         key = (remove, b_pad, s_pad, rows)
@@ -378,6 +383,7 @@ class CompiledModel:
             "cu_seqlens": static["cu_seqlens"],
             "key_valid": static["key_valid"],
             "first_rows": static["first_rows"],
+            "attention_mask": static["mask"],
         }
 
         def get(ref):
@@ -391,6 +397,9 @@ class CompiledModel:
 
         for call in self.program.calls:
             buf = self.program.buffers[call.output]
+            if call.kernel == "torch":
+                env[call.output] = self._run_torch(call, buf, get, b_pad, s_pad, rows)
+                continue
             lead = rows if buf.layout == "tokens" else b_pad
             # A buffer of one value per row (shape []) runs as one column.
             shape = buf.shape or [1]
@@ -399,6 +408,32 @@ class CompiledModel:
             result = _LAUNCH[call.kernel](self, args, call.attrs, out, s_pad)
             env[call.output] = result.view(lead, *buf.shape)
         return {field: env[buf] for field, buf in self.program.outputs.items()}
+
+    def _run_torch(self, call, buf, get, b_pad, s_pad, rows):
+        """One ``torch`` call: row buffers in as padded ``[B, S, ...]`` views, and a result of
+        the ``tokens`` or ``batch`` layout back as contiguous rows of the buffer's dtype."""
+        tensors = {}
+        for arg, ref in call.inputs.items():
+            t = get(ref)
+            if ref is not None and ":" not in ref:
+                layout = self.program.buffers[ref].layout
+                if layout == "tokens":
+                    if t.shape[0] != b_pad * s_pad:
+                        raise RuntimeError(
+                            f"{call.output}: the torch op reads token rows with padding removed; "
+                            "the program should keep padding (meta keeps_padding)"
+                        )
+                    t = t.view(b_pad, s_pad, *t.shape[1:])
+            tensors[arg] = t
+        result = torch_ops.run(call, tensors, b_pad, s_pad, self.device, self.program_dtype)
+        if buf.layout == "free":
+            return result
+        lead = [rows] if buf.layout == "tokens" else [b_pad]
+        return result.reshape(*lead, *buf.shape).to(buf.torch_dtype).contiguous()
+
+    @functools.cached_property
+    def program_dtype(self) -> torch.dtype:
+        return getattr(torch, self.program.meta.get("precision", "float32"))
 
     def _epilogue(self, outs, static, batch, seq, real_tokens, remove):
         b_pad, s_pad, rows = static["shape"]
@@ -550,4 +585,5 @@ _LAUNCH = {
     "attention": _launch_attention,
     "first_token": _launch_first_token,
     "pointwise": _launch_pointwise,
+    "torch": None,  # run by CompiledModel._run_torch
 }

@@ -88,10 +88,16 @@ def test_key_padding_mask_reads_attention_mask_directly(seed):
     assert_same_function(before, g, _inputs(2, 7))
 
 
-def test_key_padding_mask_refuses_a_causal_mask(seed):
+def test_key_padding_mask_leaves_a_causal_mask_alone(seed):
+    """A causal mask is not a key-padding mask: the attention keeps its own mask (lowering runs
+    it as a PyTorch op), and the graph computes what it did."""
     g = drop_noops(export_graph(Attention(causal=True), _inputs()))
-    with pytest.raises(ValueError, match="not a key-padding mask"):
-        key_padding_mask(g)
+    before = g.copy()
+    g = key_padding_mask(g)
+    (sdpa,) = [n for n in g.graph.nodes if n.target is aten.scaled_dot_product_attention.default]
+    assert sdpa.args[3].target is not ops.padding_mask
+    assert not [n for n in g.graph.nodes if n.target is ops.padding_mask]
+    assert_same_function(before, g, _inputs(2, 7))
 
 
 def test_fuse_attention_then_merge_qkv(seed):

@@ -6,6 +6,7 @@ chosen to be awkward for the tiles: M, N and K are rarely multiples of the block
 
 import itertools
 import math
+import random
 
 import pytest
 import torch
@@ -144,6 +145,144 @@ def test_linear_explicit_config(dtype, device, seed):
     _check(y, ref, seed, f"{cfg} {dtype}")
 
 
+# Split-K on tiny shapes (the interpreter runs every program of every K slice). M = 20 is not a
+# multiple of block_m = 16, N = 48 not of block_n = 32, and K = 200 is 7 blocks of 32, the last
+# one short: split 2 gives slices of 4 and 3 blocks, split 4 slices of 2, 2, 2 and 1.
+SPLIT_SHAPE = (20, 48, 200)
+
+
+def _split_config(split_k: int, block_k: int = 32) -> GemmConfig:
+    return GemmConfig(
+        block_m=16, block_n=32, block_k=block_k, group_m=8, num_warps=4, num_stages=2,
+        split_k=split_k,
+    )  # fmt: skip
+
+
+def _counters_are_zero() -> bool:
+    return all(int(c.count_nonzero()) == 0 for c in matmul._COUNTERS.values())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("split_k", [2, 4])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_linear_split_k_epilogue(activation, split_k, dtype, device, seed):
+    m, n, k = SPLIT_SHAPE
+    x, w, b, r = _inputs(m, n, k, dtype, device, residual=True)
+    x = x * 2  # the activations' non-linear range
+    out = _poisoned(m, n, dtype, device)
+    y = linear(x, w, b, activation=activation, residual=r, out=out, config=_split_config(split_k))
+    assert y is out
+    ref = linear_reference(x, w, b, activation=activation, residual=r)
+    _check(y, ref, seed, f"split_k={split_k} activation={activation} {dtype}")
+    assert _counters_are_zero(), "the last program of a tile did not reset its counter"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("split_k", [2, 4])
+def test_linear_split_k_plain(split_k, dtype, device, seed):
+    """No bias, no activation, no residual: the sum of the slices alone."""
+    m, n, k = SPLIT_SHAPE
+    x, w, _, _ = _inputs(m, n, k, dtype, device, bias=False)
+    y = linear(x, w, config=_split_config(split_k))
+    _check(y, linear_reference(x, w), seed, f"split_k={split_k} plain {dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("split_k", [2, 4])
+def test_linear_split_k_in_place_residual(split_k, dtype, device, seed):
+    m, n, k = SPLIT_SHAPE
+    x, w, b, r = _inputs(m, n, k, dtype, device, residual=True)
+    ref = linear_reference(x, w, b, activation="gelu_tanh", residual=r)
+    y = linear(x, w, b, activation="gelu_tanh", residual=r, out=r, config=_split_config(split_k))
+    assert y is r
+    _check(y, ref, seed, f"split_k={split_k} out=residual {dtype}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("split_k", [2, 4])
+@pytest.mark.parametrize(
+    "m, n, k, block_k",
+    [
+        (1, 48, 200, 32),  # a single row (M = 1 is specialised by Triton)
+        (20, 48, 40, 32),  # 2 K blocks: with split 4, two slices are empty
+        (20, 48, 256, 32),  # K a multiple of block_k * split_k: even slices, no K mask
+        (33, 72, 392, 64),  # 7 K blocks of 64, the last one short; 3 x 3 tiles
+    ],
+)
+def test_linear_split_k_shapes(m, n, k, block_k, split_k, dtype, device, seed):
+    x, w, b, r = _inputs(m, n, k, dtype, device, residual=True)
+    out = _poisoned(m, n, dtype, device)
+    cfg = _split_config(split_k, block_k)
+    y = linear(x, w, b, activation="relu", residual=r, out=out, config=cfg)
+    ref = linear_reference(x, w, b, activation="relu", residual=r)
+    _check(y, ref, seed, f"M={m} N={n} K={k} {cfg} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("split_k", [2, 4])
+def test_linear_split_k_reuses_counters(split_k, dtype, device, seed):
+    """Consecutive launches count on the same counters: right only if each launch resets them."""
+    m, n, k = SPLIT_SHAPE
+    cfg = _split_config(split_k)
+    dev = torch.empty(0, device=device).device  # with its index, as the tensors' devices are
+    counters = matmul._tile_counters(dev, 4)
+    results = []
+    for call in range(2):
+        x, w, b, r = _inputs(m, n, k, dtype, device, residual=True)
+        out = _poisoned(m, n, dtype, device)
+        y = linear(x, w, b, activation="tanh", residual=r, out=out, config=cfg)
+        ref = linear_reference(x, w, b, activation="tanh", residual=r)
+        _check(y, ref, seed, f"call {call + 1} with split_k={split_k} {dtype}")
+        results.append((x, w, b, r, y))
+        # Another shape in between, on the same counters (other tiles, another split).
+        x2, w2, _, _ = _inputs(1, 40, 96, dtype, device, bias=False)
+        y2 = linear(x2, w2, config=_split_config(6 - split_k))
+        _check(y2, linear_reference(x2, w2), seed, f"M=1 between calls {call + 1}, {dtype}")
+    assert matmul._tile_counters(dev, 4) is counters and len(matmul._COUNTERS) >= 1
+    assert _counters_are_zero()
+    # The same inputs again give the same bits: the slices are summed in a fixed order.
+    x, w, b, r, y = results[-1]
+    again = linear(x, w, b, activation="tanh", residual=r, config=cfg)
+    assert torch.equal(again, y), f"seed={seed}: split-K is not deterministic"
+
+
+@pytest.mark.skipif(not interpreted(), reason="reorders the programs of the CPU interpreter")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_linear_split_k_any_program_order(dtype, device, seed, monkeypatch):
+    """The interpreter runs programs in grid order, so the last K slice always finishes its
+    tile; a GPU runs them in any order. Run them in reverse (slice 0 finishes every tile) and
+    shuffled (any slice may): the result must be the same bits as in grid order."""
+    from triton.runtime import interpreter
+
+    m, n, k = SPLIT_SHAPE
+    x, w, b, r = _inputs(m, n, k, dtype, device, residual=True)
+    cfg = _split_config(4)
+    in_order = linear(x, w, b, activation="gelu", residual=r, config=cfg)
+
+    builder = interpreter.InterpreterBuilder
+    set_dim, set_idx = builder.set_grid_dim, builder.set_grid_idx
+    rng = random.Random(seed)
+    for order in ("reversed", "shuffled"):
+
+        def reordered_dim(self, nx, ny, nz, order=order):
+            set_dim(self, nx, ny, nz)
+            grid = list(itertools.product(range(nx), range(ny), range(nz)))
+            runs = grid[::-1] if order == "reversed" else rng.sample(grid, len(grid))
+            self.program_order = dict(zip(grid, runs))
+
+        def reordered_idx(self, x, y, z):
+            set_idx(self, *self.program_order[(x, y, z)])
+
+        monkeypatch.setattr(builder, "set_grid_dim", reordered_dim)
+        monkeypatch.setattr(builder, "set_grid_idx", reordered_idx)
+        out = _poisoned(m, n, dtype, device)
+        y = linear(x, w, b, activation="gelu", residual=r, out=out, config=cfg)
+        ref = linear_reference(x, w, b, activation="gelu", residual=r)
+        _check(y, ref, seed, f"programs {order}, {dtype}")
+        assert torch.equal(y, in_order), f"seed={seed}: the result depends on the program order"
+    assert _counters_are_zero()
+
+
 @pytest.mark.parametrize("with_out", [False, True])
 def test_linear_empty_m(with_out, device):
     x = torch.empty(0, 40, device=device)
@@ -200,10 +339,16 @@ def test_gemm_config_round_trip():
         "num_warps": 4,
         "num_stages": 3,
         "backend": "triton",
+        "split_k": 1,
     }
     assert GemmConfig.from_dict(d) == cfg
-    # Configs saved before the backend field existed still load, as the Triton backend.
+    # Configs saved before the backend and split_k fields existed still load, as the Triton
+    # backend without split-K.
     assert GemmConfig.from_dict({k: v for k, v in d.items() if k != "backend"}) == cfg
+    old = {k: v for k, v in d.items() if k not in ("backend", "split_k")}
+    assert GemmConfig.from_dict(old) == cfg and GemmConfig.from_dict(old).split_k == 1
+    split = GemmConfig(**{**d, "split_k": 4})
+    assert GemmConfig.from_dict(split.to_dict()) == split and split.to_dict()["split_k"] == 4
     with pytest.raises(ValueError, match="backend='cudnn'"):
         GemmConfig(**{**d, "backend": "cudnn"})
     with pytest.raises(ValueError, match=r"missing keys \['num_stages'\]"):
@@ -212,6 +357,22 @@ def test_gemm_config_round_trip():
         GemmConfig.from_dict({**d, "block_k": 24})
     with pytest.raises(ValueError, match="num_warps=3"):
         GemmConfig(**{**d, "num_warps": 3})
+
+
+@pytest.mark.parametrize("split_k", [0, 3, 6, 32, -2, 2.0, "4", True])
+def test_gemm_config_rejects_split_k(split_k):
+    tiles = {"block_m": 16, "block_n": 32, "block_k": 32, "group_m": 8}
+    tiles.update(num_warps=4, num_stages=2)
+    with pytest.raises(ValueError, match=rf"split_k={split_k!r}: use a power of two from 1 to 16"):
+        GemmConfig(**tiles, split_k=split_k)
+
+
+def test_gemm_config_from_dict_rejects_split_k():
+    d = GemmConfig(16, 32, 32, 8, 4, 2).to_dict()
+    with pytest.raises(ValueError, match="split_k=3: use a power of two from 1 to 16"):
+        GemmConfig.from_dict({**d, "split_k": 3})
+    with pytest.raises(ValueError, match=r"unknown keys \['splitk'\]"):
+        GemmConfig.from_dict({**d, "splitk": 2})
 
 
 def test_m_bucket():
@@ -235,12 +396,32 @@ def test_gpu_heuristics_fit_hopper(dtype, monkeypatch):
         default = default_config(m, n, k, dtype)
         cands = candidate_configs(m, n, k, dtype)
         assert cands[0] == default and len(set(cands)) == len(cands)
-        assert 2 <= len(cands) <= 16, f"{len(cands)} candidates for M={m} N={n} K={k}"
+        assert 2 <= len(cands) <= 20, f"{len(cands)} candidates for M={m} N={n} K={k}"
         for c in cands:
             assert c.smem_bytes(dtype) <= 200 * 1024, f"{c} for M={m} N={n} K={k} {dtype}"
             assert c.block_m <= m_bucket(m) and c.block_n <= max(16, 2 ** math.ceil(math.log2(n)))
+            # Split-K only for few rows, and every K slice spans at least one whole K block.
+            if c.split_k > 1:
+                assert m_bucket(m) <= 256 and k // c.split_k >= c.block_k, f"{c} for M={m} K={k}"
+        if m_bucket(m) <= 256 and k >= 2048:
+            assert any(c.split_k > 1 for c in cands), f"no split-K candidate for M={m} K={k}"
         if m >= 4096 and n >= 768 and dtype != torch.float32:
             assert default.block_m == 128 and default.block_n == 128, f"{default} for M={m}"
+    # BERT-base FFN down at batch 2 x seq 16: a few dozen tiles, so the default splits K.
+    default = default_config(32, 768, 3072, dtype)
+    assert default.split_k in (2, 4, 8), default
+    tiles = math.ceil(32 / default.block_m) * math.ceil(768 / default.block_n)
+    assert tiles * default.split_k <= 132, default
+    assert default_config(4096, 768, 3072, dtype).split_k == 1
+    assert default_config(32, 768, 768, dtype).split_k == 1
+
+
+def test_interpreter_default_has_no_split_k():
+    """The CPU interpreter keeps its cheap default (one program per tile)."""
+    if not interpreted():
+        pytest.skip("interpreter heuristics")
+    for m, (n, k) in itertools.product([1, 33, 512], _BERT_NK):
+        assert default_config(m, n, k, torch.float16).split_k == 1
 
 
 def test_tune_returns_candidate(device):
@@ -283,6 +464,54 @@ def test_tuned_configs_run_gpu(dtype, device, seed):
     tolerances = CUBLAS_TOLERANCES if cfg.backend == "cublas" else TOLERANCES
     ref = linear_reference(x, w, b, activation="gelu", residual=r)
     _check(y, ref, seed, f"{cfg} {dtype}", tolerances)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n, k", [(2304, 768), (768, 768), (3072, 768), (768, 3072)])
+def test_linear_split_k_gpu_bert_shapes(n, k, dtype, device, seed):
+    """Every split-K candidate at BERT-base batch 2 x seq 16 (32 rows): right, and the same bits
+    on every call (no call may see another's counters or partials)."""
+    m = 32
+    x, w, b, r = _inputs(m, n, k, dtype, device, residual=True)
+    ref = linear_reference(x, w, b, activation="gelu", residual=r)
+    configs = [c for c in candidate_configs(m, n, k, dtype) if c.split_k > 1]
+    assert configs, f"no split-K candidate for M={m} N={n} K={k}"
+    for cfg in configs:
+        out = _poisoned(m, n, dtype, device)
+        y = linear(x, w, b, activation="gelu", residual=r, out=out, config=cfg)
+        _check(y, ref, seed, f"M={m} N={n} K={k} {cfg} {dtype}")
+        for _ in range(20):
+            again = linear(x, w, b, activation="gelu", residual=r, config=cfg)
+            assert torch.equal(again, y), f"{cfg} {dtype}, seed={seed}: results differ"
+    assert _counters_are_zero()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_linear_split_k_cuda_graph(dtype, device, seed):
+    """Replays of a captured split-K launch reuse its counters and workspace, as the runtime's
+    graphs do; eager calls in between share the counters too."""
+    m, n, k = 32, 768, 3072
+    cfg = default_config(m, n, k, dtype)
+    assert cfg.split_k > 1, cfg
+    x, w, b, r = _inputs(m, n, k, dtype, device, residual=True)
+    out = torch.empty(m, n, device=device, dtype=dtype)
+    linear(x, w, b, activation="relu", residual=r, out=out, config=cfg)  # compiles
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        linear(x, w, b, activation="relu", residual=r, out=out, config=cfg)
+    for replay in range(3):
+        x.copy_(torch.randn(m, k, device=device).to(dtype))
+        out.fill_(float("nan"))
+        graph.replay()
+        ref = linear_reference(x, w, b, activation="relu", residual=r)
+        _check(out, ref, seed, f"replay {replay + 1}, {cfg} {dtype}")
+        eager = linear(x, w, b, activation="relu", residual=r, config=cfg)
+        assert torch.equal(eager, out), f"replay {replay + 1}, seed={seed}: eager differs"
+    torch.cuda.synchronize()
+    assert _counters_are_zero()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

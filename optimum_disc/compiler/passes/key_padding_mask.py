@@ -5,7 +5,12 @@ transformers builds the ``[B, 1, S, S]`` mask that ``scaled_dot_product_attentio
 that chain, this pass evaluates it on random 0/1 masks and checks that it equals "key j of
 sequence b is visible iff attention_mask[b, j] == 1" (as booleans, or as an additive mask of 0
 and a large negative number). If so, the chain is replaced by ``ops.padding_mask(attention_mask)``,
-which the attention pass reads through; if not, the model is refused with a message saying why.
+which the attention pass reads through; if not (a sliding-window or relative mask), that
+attention is left as it is, for lowering to run as a PyTorch op.
+
+The masks are evaluated alone (the part of the graph that computes them), at short lengths and
+at the longest one the model takes (at most 4096), so that a window wider than a short test
+sequence still shows.
 """
 
 from __future__ import annotations
@@ -20,16 +25,21 @@ from ..lower import unsupported
 aten = torch.ops.aten
 
 
-class _Recorder(fx.Interpreter):
-    def __init__(self, gm, wanted):
-        super().__init__(gm)
-        self.wanted, self.values = wanted, {}
-
-    def run_node(self, n):
-        out = super().run_node(n)
-        if n in self.wanted:
-            self.values[n] = out
-        return out
+def _mask_graph(g: Graph, wanted: list[fx.Node]) -> tuple[fx.GraphModule, list[fx.Node]]:
+    """A graph that computes only the ``wanted`` nodes, and its placeholders in order."""
+    keep, stack = set(), list(wanted)
+    while stack:
+        n = stack.pop()
+        if n not in keep:
+            keep.add(n)
+            stack.extend(n.all_input_nodes)
+    graph, env = fx.Graph(), {}
+    for n in g.graph.nodes:
+        if n in keep:
+            env[n] = graph.node_copy(n, lambda x: env[x])
+    graph.output(tuple(env[w] for w in wanted))
+    placeholders = [n for n in g.graph.nodes if n in keep and n.op == "placeholder"]
+    return fx.GraphModule(g.gm, graph), placeholders
 
 
 def _random_inputs(g: Graph, batch: int, seq: int) -> dict[str, torch.Tensor]:
@@ -74,24 +84,26 @@ def key_padding_mask(g: Graph) -> Graph:
         raise unsupported(
             g.meta, "the attention reads a mask that does not come from attention_mask"
         )
-    wanted = set(masks.values())
-    for batch, seq in ((2, 5), (3, 9)):
+    wanted = list(dict.fromkeys(masks.values()))
+    gm, placeholders = _mask_graph(g, wanted)
+    longest = min(int(g.meta.get("max_position_embeddings") or 512), 4096)
+    padding = set(wanted)
+    for batch, seq in ((2, 5), (3, 9), (2, longest)):
         inputs = _random_inputs(g, batch, seq)
-        rec = _Recorder(g.gm, wanted)
-        args = [g.constants.get(n.name, inputs.get(n.name)) for n in g.placeholders()]
+        args = [g.constants.get(n.name, inputs.get(n.name)) for n in placeholders]
         with torch.no_grad():
-            rec.run(*args)
-        for node in wanted:
-            if not _is_key_padding(rec.values[node], inputs["attention_mask"]):
-                raise unsupported(
-                    g.meta,
-                    f"the attention mask {node.name!r} is not a key-padding mask of "
-                    "attention_mask (a causal, sliding-window or relative mask?); optimum-disc "
-                    "compiles bidirectional encoders with full attention only.",
-                )
+            values = gm(*args)
+        for node, value in zip(wanted, values):
+            if node in padding and not _is_key_padding(value, inputs["attention_mask"]):
+                padding.discard(node)
+    masks = {n: m for n, m in masks.items() if m in padding}
+    if not masks:
+        return g
     first = next(n for n in g.graph.nodes if n in masks)
     with g.graph.inserting_before(first):
         canonical = g.graph.call_function(ops.padding_mask, (mask_input,))
+    if isinstance(mask_input.meta.get("val"), torch.Tensor):  # FakeTensor ops stay fake
+        canonical.meta["val"] = ops.padding_mask(mask_input.meta["val"])
     for node in masks:
         if len(node.args) > 3:
             node.args = (*node.args[:3], canonical, *node.args[4:])

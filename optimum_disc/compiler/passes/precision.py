@@ -33,7 +33,9 @@ def apply_precision(program: Program, dtype: torch.dtype) -> Program:
         for name, t in program.weights.items()
     }
     for buf in program.buffers.values():
-        if buf.dtype in ("float32", "float16", "bfloat16"):
+        # Values of other shapes are computed by torch calls, in the dtypes PyTorch gives them
+        # (their matrix products run in the reduced precision); rows go in `dtype`.
+        if buf.layout != "free" and buf.dtype in ("float32", "float16", "bfloat16"):
             buf.dtype = dtype_name
     program.meta["precision"] = dtype_name
     return program
