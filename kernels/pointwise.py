@@ -449,7 +449,9 @@ def pointwise_reference(expr: dict, inputs: list, out_dtype=None) -> torch.Tenso
     values = [t.float() for t in inputs]
     for op, *args in expr["steps"]:
         operands = [
-            torch.tensor(float(a["const"]), dtype=torch.float32, device=device)
+            # torch.full fills on the device (no host-to-device copy, so CUDA graphs can
+            # capture it when a program runs this as a PyTorch op)
+            torch.full((), float(a["const"]), dtype=torch.float32, device=device)
             if isinstance(a, dict)
             else values[a]
             for a in args
