@@ -14,7 +14,7 @@ import warnings
 import torch
 
 from .graph import Graph
-from .lower import NOT_SUPPORTED, unsupported
+from .lower import NEEDS_TORCH_OPS, unsupported
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -44,7 +44,7 @@ def _refused_by_export(model: torch.nn.Module, error: Exception) -> bool:
     )
     if isinstance(error, refusals):
         return True
-    return getattr(model.config, "model_type", "") in NOT_SUPPORTED
+    return getattr(model.config, "model_type", "") in NEEDS_TORCH_OPS
 
 
 def model_inputs(model: torch.nn.Module) -> list[str]:

@@ -70,7 +70,6 @@ NEEDS_TORCH_OPS = {
     ),
 }
 """Architectures whose attention runs as PyTorch ops (``torch`` calls), and why."""
-NOT_SUPPORTED = NEEDS_TORCH_OPS  # the name of earlier versions
 
 RUNTIME_FEATURES = {
     "scalar_rows": "outputs of one value per token or per sequence",
