@@ -7,9 +7,11 @@ the passes match at that level and need no per-model code.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import warnings
+from unittest import mock
 
 import torch
 
@@ -26,25 +28,77 @@ def _meta(model: torch.nn.Module) -> dict:
     }
 
 
+def _is_constraint_violation(error: Exception) -> bool:
+    from torch._dynamo.exc import UserError, UserErrorType
+    from torch.fx.experimental.symbolic_shapes import ConstraintViolationError
+
+    if isinstance(error, UserError):
+        return error.error_type == UserErrorType.CONSTRAINT_VIOLATION
+    return isinstance(error, ConstraintViolationError)
+
+
 def _refused_by_export(model: torch.nn.Module, error: Exception) -> bool:
     """Whether ``error`` from ``torch.export`` says that the model's code cannot be traced with
     symbolic sizes (rather than a bug): the sizes' constraints are violated or a guard depends on
-    data, or any error for an architecture known not to compile. On torch 2.11 DeBERTa-v2's
-    ``permute(...).contiguous()`` adds a guard that export's constraint solver cannot prove for
-    every sequence length ("Constraints violated (seq)!"), before the compiler sees its graph.
+    data, or any error for an architecture known not to compile. (``_export`` already retried
+    the one spurious constraint violation that torch 2.11 reports, for DeBERTa-v2.)
     """
-    from torch._dynamo.exc import UserError, UserErrorType
-    from torch.fx.experimental import symbolic_shapes
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
-    if isinstance(error, UserError) and error.error_type == UserErrorType.CONSTRAINT_VIOLATION:
-        return True
-    refusals = (
-        symbolic_shapes.ConstraintViolationError,
-        symbolic_shapes.GuardOnDataDependentSymNode,
-    )
-    if isinstance(error, refusals):
+    if _is_constraint_violation(error) or isinstance(error, GuardOnDataDependentSymNode):
         return True
     return getattr(model.config, "model_type", "") in NEEDS_TORCH_OPS
+
+
+@contextlib.contextmanager
+def _ordered_sym_min_max():
+    """``torch.sym_min``/``sym_max`` that return the smaller/larger size itself when the shape
+    environment can order the two, as torch 2.13 already does by simplifying ``Min``/``Max``.
+
+    Non-strict export replaces the builtin ``min``/``max`` with ``torch.sym_min``/``sym_max``, and
+    the meta of ``view`` that merges dimensions takes ``min`` of their strides. DeBERTa-v2's
+    ``transpose_for_scores`` (``x.permute(0, 2, 1, 3).contiguous().view(-1, x.size(1),
+    x.size(-1))``) and its ``attention_probs.view(-1, S, S)`` merge batch and heads, so on torch
+    2.11 the strides become ``Min(16*S, 32*S)`` and ``Min(S**2, 2*S**2)``; the fake tensor's
+    contiguity check then guards ``Eq(Min(16*S, 32*S), 16*S)``, which 2.11's solver cannot prove
+    for the ``seq`` range and reports as "Constraints violated (seq)!". Returning the operand
+    that is provably the minimum is the same value, so the traced program is unchanged; only
+    the spurious guard goes. Sizes that cannot be ordered keep the symbolic ``Min``/``Max``.
+    """
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    sym_min, sym_max = torch.sym_min, torch.sym_max
+
+    def ordered(fallback, pick_first):
+        def fn(a, b):
+            if isinstance(a, torch.SymInt | int) and isinstance(b, torch.SymInt | int):
+                if statically_known_true(a <= b):
+                    return a if pick_first else b
+                if statically_known_true(b <= a):
+                    return b if pick_first else a
+            return fallback(a, b)
+
+        return fn
+
+    with (
+        mock.patch.object(torch, "sym_min", ordered(sym_min, True)),
+        mock.patch.object(torch, "sym_max", ordered(sym_max, False)),
+    ):
+        yield
+
+
+def _export(model: torch.nn.Module, inputs: dict, dynamic: dict):
+    """``torch.export`` with the dynamic shapes as given. A constraint violation is tried once
+    more with ``_ordered_sym_min_max``, which removes the one spurious violation torch 2.11
+    reports (DeBERTa-v2); the ``Dim`` ranges still hold, so a guard that really specializes a
+    size fails the second time too."""
+    try:
+        return torch.export.export(model, (), inputs, dynamic_shapes=dynamic, strict=False)
+    except Exception as e:
+        if not _is_constraint_violation(e):
+            raise
+    with _ordered_sym_min_max():
+        return torch.export.export(model, (), inputs, dynamic_shapes=dynamic, strict=False)
 
 
 def model_inputs(model: torch.nn.Module) -> list[str]:
@@ -108,7 +162,7 @@ def capture(model: torch.nn.Module, inputs: dict[str, torch.Tensor] | None = Non
         warnings.simplefilter("ignore")
         reference = model(**inputs, return_dict=True)
         try:
-            exported = torch.export.export(model, (), inputs, dynamic_shapes=dynamic, strict=False)
+            exported = _export(model, inputs, dynamic)
         except Exception as e:
             if not _refused_by_export(model, e):
                 raise

@@ -403,7 +403,7 @@ class _BranchesOnLength(transformers.BertModel):
 
 
 def test_a_graph_that_export_cannot_keep_symbolic_gets_a_clear_message():
-    """Export's own refusal (on torch 2.11 DeBERTa-v2 gets one) is an UnsupportedGraph too."""
+    """Export's own refusal (a guard that really specialises the length) is an UnsupportedGraph."""
     model = _BranchesOnLength(transformers.BertConfig(**TINY)).eval()
     with pytest.raises(UnsupportedGraph) as info:
         optimize(model)
@@ -534,3 +534,63 @@ def test_gelu_written_out_becomes_the_gemm_activation(seed):
     g = recognise_gelu(drop_noops(export_graph(NotGelu(), _small_inputs())))
     assert aten.gelu.default not in targets(g)
     assert aten.tanh.default in targets(g)
+
+
+# -- capture: one program for every batch and sequence length -----------------------------------
+
+
+def _symbolic_inputs(graph) -> bool:
+    shapes = [n.meta["val"].shape for n in graph.gm.graph.nodes if n.name in graph.inputs]
+    return bool(shapes) and all(isinstance(d, torch.SymInt) for s in shapes for d in s)
+
+
+@pytest.mark.parametrize("buckets", [8, 256])
+def test_deberta_v2_is_captured_with_symbolic_batch_and_sequence(buckets):
+    """On torch 2.11 export refused DeBERTa-v2 ("Constraints violated (seq)!"): the view that
+    merges batch and heads left a ``Min`` of two strides that 2.11 could not simplify."""
+    from optimum_disc.compiler.capture import capture
+
+    graph = capture(_model("deberta-v2", "seq-cls", "cpu", position_buckets=buckets))
+    assert _symbolic_inputs(graph)
+
+
+def test_sizes_that_can_be_ordered_lose_their_min_and_max():
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from optimum_disc.compiler.capture import _ordered_sym_min_max
+
+    env = ShapeEnv()
+    s = env.create_symintnode(env.create_symbol(11, ConstantSource("s")), hint=11)
+    sym_min, sym_max = torch.sym_min, torch.sym_max
+    with _ordered_sym_min_max():
+        assert str(torch.sym_min(16 * s, 32 * s)) == str(16 * s)
+        assert str(torch.sym_min(s * s, 2 * s * s)) == str(s * s)
+        assert str(torch.sym_max(s, 1)) == str(s)
+        assert "Min" in str(torch.sym_min(s, 16)), "sizes that cannot be ordered stay symbolic"
+        assert torch.sym_min(3, 5) == 3 and torch.sym_max(3, 5) == 5
+    assert (torch.sym_min, torch.sym_max) == (sym_min, sym_max)
+    assert env.guards == [], "ordering two sizes adds no guard"
+
+
+def test_a_constraint_violation_is_exported_again_with_ordered_min_and_max(monkeypatch):
+    """What torch 2.11 does with DeBERTa-v2, on any torch: the first export reports a
+    constraint violation, the second runs with ``_ordered_sym_min_max``."""
+    from torch._dynamo.exc import UserError, UserErrorType
+
+    from optimum_disc.compiler.capture import capture
+
+    export, seen = torch.export.export, []
+
+    def refuse_once(*args, **kwargs):
+        seen.append(torch.sym_min)
+        if len(seen) == 1:
+            raise UserError(UserErrorType.CONSTRAINT_VIOLATION, "Constraints violated (seq)!")
+        return export(*args, **kwargs)
+
+    monkeypatch.setattr(torch.export, "export", refuse_once)
+    sym_min = torch.sym_min
+    graph = capture(_model("deberta-v2", "seq-cls", "cpu"))
+    assert len(seen) == 2 and seen[0] is sym_min and seen[1] is not sym_min
+    assert torch.sym_min is sym_min
+    assert _symbolic_inputs(graph)
