@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from optimum_disc.kernels import interpreted
+from optimum_disc.kernels import launch as _pdl
 
 # (atol, rtol) of `attention` against `attention_reference`, which sees the same (rounded) inputs
 # but computes in fp32 with one exact softmax. fp32: both sides stay in fp32 and differ only by
@@ -70,7 +71,10 @@ def _attention_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    if PDL:
+        _pdl.wait_for_previous()
     # (batch, head) on the first grid axis: it is the one that can exceed 65535.
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -359,6 +363,7 @@ def attention(
         BLOCK_D=block_d,
         num_warps=num_warps,
         num_stages=num_stages,
+        **_pdl.options(q.device),
     )
     return out
 

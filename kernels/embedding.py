@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from optimum_disc.kernels import launch as _pdl
 from optimum_disc.kernels.layernorm import (
     FLOAT_DTYPES,
     MAX_WIDTH,
@@ -61,7 +62,10 @@ def _embed_layernorm_kernel(
     HAS_TOKEN_TYPE_IDS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    if PDL:
+        _pdl.wait_for_previous()
     # int64 throughout the address arithmetic: vocab * hidden passes 2^31 for large vocabularies.
     i = tl.program_id(0).to(tl.int64)
     if HAS_ROWS:
@@ -287,6 +291,7 @@ def embed_layernorm(
         HAS_BIAS=ln_bias is not None,
         BLOCK_H=block,
         num_warps=num_warps,
+        **_pdl.options(input_ids.device),
     )
     return out
 

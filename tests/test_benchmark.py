@@ -402,3 +402,85 @@ def test_a_refused_config_is_a_row_not_a_crash(tmp_path, monkeypatch):
     assert "| tiny-modernbert | 1x8 |" in table
     assert "| not supported | not supported |" in table and "| error | error |" in table
     assert "- tiny-modernbert: disc_fp32: build: UnsupportedGraph: " in table
+
+
+def test_kernel_families_and_the_profile_table():
+    assert benchmark.kernel_family("_linear_kernel") == "gemm"
+    assert benchmark.kernel_family("nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_NTN") == "gemm"
+    assert benchmark.kernel_family("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize") == "gemm"
+    assert benchmark.kernel_family("_attention_kernel") == "attention"
+    assert benchmark.kernel_family("_layer_norm_kernel") == "layernorm"
+    assert benchmark.kernel_family("_embed_layernorm_kernel") == "embedding"
+    assert benchmark.kernel_family("_prepare_inputs_kernel") == "input preparation"
+    assert benchmark.kernel_family("Memcpy DtoH (Device -> Pinned)") == "copies"
+    assert benchmark.kernel_family("void at::native::index_elementwise_kernel") == (
+        benchmark.OTHER_FAMILY
+    )
+    kernels = [("_linear_kernel", 600.0, 100), ("_attention_kernel", 60.0, 24)]
+    kernels.append(("void at::native::sort_kernel", 10.0, 2))
+    s = benchmark.summarize_kernels(kernels, calls=2)
+    assert s["gpu_ms"] == pytest.approx(0.335) and s["kernels"] == pytest.approx(63)
+    assert list(s["families"]) == ["gemm", "attention", benchmark.OTHER_FAMILY]
+    assert s["families"]["gemm"] == {"ms": pytest.approx(0.3), "kernels": 50}
+
+    # The profiler's own bookkeeping on the CPU: no GPU kernels, a positive wall time.
+    calls = []
+    prof = benchmark.profile_calls(lambda: calls.append(torch.ones(4).sum()), 3, "cpu")
+    assert len(calls) == 3 and prof["gpu_ms"] == 0 and prof["wall_ms"] > 0
+    assert prof["host_and_gaps_ms"] == pytest.approx(prof["wall_ms"])
+
+
+def test_floor_of_a_shape():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=24,
+        max_position_embeddings=32,
+    )
+    model = BertForSequenceClassification(cfg).eval()
+    embedding = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    dense = sum(p.numel() for p in model.parameters()) - embedding
+    f = benchmark.floor_ms(model, (3, 8), "fp16")
+    flops = 2 * dense * 24 + 4 * 3 * 8 * 8 * 16 * 2
+    assert f["tflop"] == pytest.approx(flops / 1e12)
+    assert f["weight_mb"] == pytest.approx(dense * 2 / 1e6)
+    assert f["compute_ms"] == pytest.approx(flops / 750e12 * 1e3)
+    assert f["ms"] == max(f["compute_ms"], f["memory_ms"])
+    assert benchmark.floor_ms(model, (3, 8), "fp32")["weight_mb"] == pytest.approx(
+        2 * f["weight_mb"]
+    )
+
+
+def test_profile_table_in_the_markdown(tmp_path):
+    results = benchmark.run_benchmark(
+        benchmark.BenchmarkOptions(
+            peers=("disc_fp32",),
+            shapes=((2, 8),),
+            config="tiny",
+            dataset=None,
+            warmup=0,
+            iters=1,
+            device="cpu",
+            output_dir=None,
+            progress=False,
+        )
+    )
+    assert "Where the time of one call goes" not in benchmark.markdown_table(results)
+    shape = results["results"]["disc_fp32"]["shapes"]["2x8"]
+    shape["profile"] = {
+        **benchmark.summarize_kernels([("_linear_kernel", 40.0, 10)], calls=1),
+        "wall_ms": 0.1,
+        "host_and_gaps_ms": 0.06,
+        "floor": {"ms": 0.002},
+    }
+    results["results"]["disc_fp32"]["gemm_configs"] = {"96x32 m16": "triton 16x32x32 split2"}
+    table = benchmark.markdown_table(results)
+    assert "| disc_fp32 | 2x8 | 0.100 | 0.040 (10) | – | – | 0.040 (10) |" in table
+    assert "| 0.060 | 0.002 |" in table
+    assert "96x32 m16: triton 16x32x32 split2" in table
+    with pytest.raises(ValueError, match="--profile-iters"):
+        benchmark.run_benchmark(benchmark.BenchmarkOptions(profile_iters=0, device="cpu"))

@@ -144,6 +144,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "'not supported: ...' row and the run goes on",
     )
     parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile the optimum-disc peers at each shape (GPU only): GPU time per call by "
+        "kernel family (GEMM, attention, LayerNorm, ...), host time and the floor of the shape",
+    )
+    parser.add_argument(
+        "--profile-iters", type=int, default=20, help="calls profiled per shape (default: 20)"
+    )
+    parser.add_argument(
         "--no-compile-cache",
         action="store_true",
         help="turn Inductor's caches off, so that torch.compile times are cold ones",
@@ -188,6 +197,8 @@ def run(args: argparse.Namespace) -> int:
             disc_settings=dict(args.disc_setting) or None,
             command=_command_line(),
             compile_cache=not args.no_compile_cache,
+            profile=args.profile,
+            profile_iters=args.profile_iters,
             progress=not args.quiet,
         )
     except ValueError as e:

@@ -340,15 +340,13 @@ class CompiledModel:
         only, so it is part of the captured graph)."""
         if static["key_valid"] is not None:
             return
-        rows = static["shape"][2]
-        m = static["mask"]
-        # A stable sort puts the real tokens first, in order; the rows past them (bucket
-        # padding) point at valid positions and belong to no sequence.
-        order = torch.argsort((m.view(-1) == 0).to(torch.int8), stable=True)
-        static["rows"].copy_(order[:rows])
-        cu = static["cu_seqlens"]  # cu[0] stays 0 from its allocation
-        torch.cumsum(m.sum(1), 0, out=cu[1:])
-        static["first_rows"].copy_(cu[:-1].clamp(max=rows - 1))
+        from optimum_disc.kernels import prologue
+
+        # One launch: the real tokens first, in order (a stable partition of the mask); the
+        # rows past them (bucket padding) point at valid positions and belong to no sequence.
+        prologue.derive_rows(
+            static["mask"], static["rows"], static["cu_seqlens"], static["first_rows"]
+        )
 
     def _capture(self, key, inputs):
         static = self._static_inputs(key, inputs)
@@ -459,19 +457,27 @@ class CompiledModel:
 
     # -- GEMM block shapes ------------------------------------------------------------------
 
-    def gemm_config(self, m: int, n: int, k: int, dtype: torch.dtype):
-        """Block shapes of one GEMM: saved with the program per GPU model and shape bucket, so
-        an artifact loaded on another GPU tunes (or takes the defaults) afresh."""
+    def gemm_config(
+        self,
+        m: int,
+        n: int,
+        k: int,
+        dtype: torch.dtype,
+        activation: str | None = None,
+        residual: bool = False,
+    ):
+        """Block shapes of one GEMM: saved with the program per GPU model, shape bucket and
+        epilogue, so an artifact loaded on another GPU tunes (or takes the defaults) afresh."""
         mm = self._kernels.matmul
         key = f"{_device_name(self.device)}|{n}x{k}:{str(dtype).removeprefix('torch.')}"
-        key += f":m{mm.m_bucket(m)}"
+        key += f":{activation or 'none'}{'+residual' if residual else ''}:m{mm.m_bucket(m)}"
         found = self.program.tuning.get(key) or _TUNED.get(key)
         if found is not None:
             self.program.tuning[key] = found
             return mm.GemmConfig.from_dict(found)
         capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         if self.settings.autotune and self.device.type == "cuda" and not capturing:
-            config = mm.tune(m, n, k, dtype, self.device)
+            config = mm.tune(m, n, k, dtype, self.device, activation, residual)
             self.program.tuning[key] = _TUNED[key] = config.to_dict()
             return config
         return mm.default_config(m, n, k, dtype)
@@ -518,7 +524,14 @@ def _check_limits(program: Program) -> None:
 
 def _launch_linear(model, a, attrs, out, seq):
     x, w = a["x"], a["weight"]
-    config = model.gemm_config(x.shape[0], w.shape[0], w.shape[1], w.dtype)
+    config = model.gemm_config(
+        x.shape[0],
+        w.shape[0],
+        w.shape[1],
+        w.dtype,
+        attrs["activation"],
+        a["residual"] is not None,
+    )
     return model._kernels.matmul.linear(
         x,
         w,

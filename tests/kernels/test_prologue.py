@@ -3,7 +3,13 @@
 import pytest
 import torch
 
-from optimum_disc.kernels.prologue import InputBuffers, prepare_inputs, prepare_inputs_reference
+from optimum_disc.kernels.prologue import (
+    InputBuffers,
+    derive_rows,
+    derive_rows_reference,
+    prepare_inputs,
+    prepare_inputs_reference,
+)
 
 
 @pytest.mark.parametrize(
@@ -50,3 +56,37 @@ def test_refuses_inputs_larger_than_the_buffers(device):
             None,
             InputBuffers(2, 8, device),
         )
+
+
+@pytest.mark.parametrize(
+    "b, s, rows, p_real",
+    [
+        (1, 1, 1, 1.0),
+        (2, 16, 32, 1.0),  # no padding
+        (3, 9, 27, 0.0),  # no real token
+        (4, 16, 40, 0.6),  # rows cut inside the padding
+        (5, 33, 64, 0.5),  # rows cut inside the real tokens
+        (17, 160, 17 * 160, 0.7),  # several blocks of the kernel's loop
+    ],
+)
+def test_derive_rows_matches_reference(b, s, rows, p_real, device, seed):
+    mask = (torch.rand(b, s, device=device) < p_real).long()
+    mask[:, s - s // 4 :] = 0  # padding on the right, as in a bucket
+    if b > 1:
+        mask[b - 1] = 0  # a bucket's padded sequence
+    got_rows = torch.full((rows,), -1, dtype=torch.long, device=device)
+    got_cu = torch.full((b + 1,), -1, dtype=torch.int32, device=device)
+    got_first = torch.full((b,), -1, dtype=torch.long, device=device)
+    derive_rows(mask, got_rows, got_cu, got_first)
+    want_rows, want_cu, want_first = derive_rows_reference(mask, rows)
+    msg = f"b={b} s={s} rows={rows} seed={seed}"
+    assert torch.equal(got_rows, want_rows), msg
+    assert torch.equal(got_cu, want_cu), msg
+    assert torch.equal(got_first, want_first), msg
+
+
+def test_derive_rows_refuses_buffers_of_another_shape(device):
+    mask = torch.ones(2, 4, dtype=torch.long, device=device)
+    rows = torch.empty(8, dtype=torch.long, device=device)
+    with pytest.raises(ValueError, match="do not fit a \\[2, 4\\] mask"):
+        derive_rows(mask, rows, torch.empty(2, dtype=torch.int32, device=device), rows[:2])

@@ -1,0 +1,144 @@
+"""The gain of each of optimum-disc's levers, measured by turning one off at a time.
+
+Runs ``optimum_disc.benchmark`` in this process for the ``disc_fp16`` peer (BERT-base with the
+``bert-base-multilingual-uncased`` configuration, random weights) once with every lever on and
+once per lever with that lever off (the GEMM configurations tuned for the baseline are kept
+for the levers that do not change the tuner: pdl, cuda_graphs, remove_padding), then prints one
+markdown table: latency per shape (and the data-set pass with ``--dataset``), each variant
+beside the baseline.
+
+Levers:
+  pdl            programmatic dependent launch (each kernel starts, and prefetches its weights,
+                 while the previous one finishes; Hopper and newer)
+  split_k        split-K GEMM configs (tuner candidates, and the default for few rows, long K)
+  cublas         cuBLAS as a tuner candidate beside the Triton GEMM
+  autotune       GEMM block shapes timed per shape bucket (off: the built-in heuristic)
+  cuda_graphs    CUDA graphs per shape bucket (off: every kernel launched from Python)
+  remove_padding token-wise work on real tokens only (only the data-set pass has padding)
+
+    python scripts/levers.py --shapes 2x16,1x128,32x128 --levers split_k,cublas --output levers
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+
+LEVERS = ("pdl", "split_k", "cublas", "autotune", "cuda_graphs", "remove_padding")
+
+
+@contextlib.contextmanager
+def lever_off(name: str):
+    """Settings overrides for the benchmark, with the process patched as the lever needs."""
+    from optimum_disc.compiler import runtime
+    from optimum_disc.kernels import matmul
+
+    saved = {}
+    settings = {}
+    env = os.environ.get("OPTIMUM_DISC_PDL")
+    if name == "pdl":
+        os.environ["OPTIMUM_DISC_PDL"] = "0"
+    elif name == "split_k":
+        saved = {
+            "_SPLIT_K_CANDIDATES": matmul._SPLIT_K_CANDIDATES,
+            "_default_split_k": matmul._default_split_k,
+        }
+        matmul._SPLIT_K_CANDIDATES = {key: () for key in matmul._SPLIT_K_CANDIDATES}
+        matmul._default_split_k = lambda cfg, m, n, k: cfg
+    elif name == "cublas":
+        saved = {"tuning_candidates": matmul.tuning_candidates}
+        real = matmul.tuning_candidates
+        matmul.tuning_candidates = lambda *a: [c for c in real(*a) if c.backend != "cublas"]
+    elif name in ("autotune", "cuda_graphs", "remove_padding"):
+        settings = {name: False}
+    elif name != "baseline":
+        raise ValueError(f"unknown lever {name!r}; choose among {', '.join(LEVERS)}")
+    matmul._default_config.cache_clear()
+    if name in ("split_k", "cublas", "autotune"):
+        runtime._TUNED.clear()  # the tuner's choices of another variant must not be reused
+    try:
+        yield settings
+    finally:
+        for attr, value in saved.items():
+            setattr(matmul, attr, value)
+        if env is None:
+            os.environ.pop("OPTIMUM_DISC_PDL", None)
+        else:
+            os.environ["OPTIMUM_DISC_PDL"] = env
+        matmul._default_config.cache_clear()
+        if name in ("split_k", "cublas", "autotune"):
+            runtime._TUNED.clear()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="2x16,1x128,32x128,128x128")
+    parser.add_argument("--levers", default=",".join(LEVERS))
+    parser.add_argument("--dataset", action="store_true", help="also the movie-review pass")
+    parser.add_argument("--tokenizer", default=None)
+    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--config", default="bert-base-multilingual-uncased")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--output", default=None, help="folder for levers.json and levers.md")
+    args = parser.parse_args(argv)
+
+    from optimum_disc.benchmark import BenchmarkOptions, parse_shapes, run_benchmark
+
+    levers = [x for x in args.levers.split(",") if x]
+    shapes = parse_shapes(args.shapes)
+    rows = {}
+    for variant in ["baseline", *levers]:
+        with lever_off(variant) as settings:
+            results = run_benchmark(
+                BenchmarkOptions(
+                    peers=("disc_fp16",),
+                    shapes=shapes,
+                    dataset="movie-reviews" if args.dataset else None,
+                    tokenizer=args.tokenizer,
+                    iters=args.iters,
+                    config=args.config,
+                    device=args.device,
+                    output_dir=None,
+                    disc_settings=settings or None,
+                )
+            )
+        peer = results["results"].get("disc_fp16", {})
+        got = {s: (peer.get("shapes", {}).get(s) or {}).get("median_ms") for s in results["shapes"]}
+        if args.dataset:
+            got["data-set pass"] = (peer.get("dataset") or {}).get("ms_per_pass")
+        rows[variant] = got
+        print(f"{variant}: {got}", file=sys.stderr, flush=True)
+
+    columns = list(rows["baseline"])
+    lines = [
+        "| lever turned off | " + " | ".join(columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
+    for variant, got in rows.items():
+        cells = []
+        for c in columns:
+            v, base = got.get(c), rows["baseline"].get(c)
+            if v is None:
+                cells.append("–")
+            elif variant == "baseline" or not base:
+                cells.append(f"{v:.3f}")
+            else:
+                cells.append(f"{v:.3f} ({v / base:.2f}x)")
+        label = "none (every lever on)" if variant == "baseline" else variant
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if args.output:
+        out = Path(args.output)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "levers.json").write_text(json.dumps(rows, indent=1) + "\n")
+        (out / "levers.md").write_text(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
