@@ -1824,7 +1824,9 @@ def _profile_table(results: dict, section: dict) -> list[str]:
         "Where the time of one call goes (PyTorch profiler, "
         f"{rows[0][2]['profile']['calls']} back-to-back calls; GPU ms per call by kernel family, "
         "kernels per call in brackets; host and gaps: the wall time per call during which the "
-        "GPU runs none of the call's kernels; floor: max(FLOPs at "
+        "GPU runs none of the call's kernels (with programmatic dependent launch, on Hopper, a "
+        "kernel's time also holds its wait for the kernel before it, so the families overlap "
+        "and may add up past the wall time); floor: max(FLOPs at "
         f"{PEAK_TFLOPS['fp16']:.0f} TFLOP/s (fp32: {PEAK_TFLOPS['fp32']:.0f}), one read of the "
         f"weights at {PEAK_TBPS:.1f} TB/s)):",
         "",
