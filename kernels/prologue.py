@@ -16,7 +16,16 @@ import triton.language as tl
 
 # Order of the statistics in the result. ``first_min`` is min(1, attention_mask[:, 0]): 1 when
 # position 0 is a real token in every sequence.
-STATS = ("id_min", "id_max", "type_min", "type_max", "real_tokens", "first_min", "bad_mask")
+STATS = (
+    "id_min",
+    "id_max",
+    "type_min",
+    "type_max",
+    "real_tokens",
+    "first_min",
+    "bad_mask",
+    "pad_before_real",
+)
 _BIG = tl.constexpr(2**62)
 
 
@@ -41,8 +50,10 @@ def _prepare_inputs_kernel(
     ticket_ptr,
     stats_ptr,
     NPROG,
+    PAD_ID,
     HAS_MASK: tl.constexpr,
     HAS_TYPES: tl.constexpr,
+    HAS_PAD: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
@@ -79,6 +90,14 @@ def _prepare_inputs_kernel(
     tl.store(row + 4, tl.sum(tl.where(valid, m, 0), axis=0))
     tl.store(row + 5, first)
     tl.store(row + 6, bad)
+    if HAS_PAD:
+        # Real tokens at or after a padding token of their sequence (left padding, or padding
+        # inside a sequence), which RoBERTa-style positions cannot number.
+        pad = (valid & (ids == PAD_ID)).to(tl.int32)
+        after_pad = tl.cumsum(pad, axis=0) > 0
+        tl.store(row + 7, tl.sum((after_pad & valid & (m != 0)).to(tl.int64), axis=0))
+    else:
+        tl.store(row + 7, tl.zeros([], tl.int64))
 
     # The last program to take a ticket sees every partial (acquire/release ordering of the
     # atomic) and reduces them; it resets the ticket for the next launch.
@@ -91,6 +110,7 @@ def _prepare_inputs_kernel(
         acc_sum = tl.zeros([BLOCK_R], tl.int64)
         acc_first = tl.full([BLOCK_R], 1, tl.int64)
         acc_bad = tl.zeros([BLOCK_R], tl.int64)
+        acc_early = tl.zeros([BLOCK_R], tl.int64)
         for start in range(0, NPROG, BLOCK_R):
             r = start + tl.arange(0, BLOCK_R)
             ok = r < NPROG
@@ -112,6 +132,7 @@ def _prepare_inputs_kernel(
                 acc_first, tl.load(p + 5, mask=ok, other=1, cache_modifier=".cg")
             )
             acc_bad += tl.load(p + 6, mask=ok, other=0, cache_modifier=".cg")
+            acc_early += tl.load(p + 7, mask=ok, other=0, cache_modifier=".cg")
         tl.store(stats_ptr + 0, tl.min(acc_min_id, axis=0))
         tl.store(stats_ptr + 1, tl.max(acc_max_id, axis=0))
         tl.store(stats_ptr + 2, tl.min(acc_min_t, axis=0))
@@ -119,6 +140,7 @@ def _prepare_inputs_kernel(
         tl.store(stats_ptr + 4, tl.sum(acc_sum, axis=0))
         tl.store(stats_ptr + 5, tl.min(acc_first, axis=0))
         tl.store(stats_ptr + 6, tl.sum(acc_bad, axis=0))
+        tl.store(stats_ptr + 7, tl.sum(acc_early, axis=0))
         tl.atomic_xchg(ticket_ptr, 0)
 
 
@@ -135,10 +157,11 @@ class InputBuffers:
 
 
 def prepare_inputs(
-    input_ids, attention_mask, token_type_ids, buffers: InputBuffers
+    input_ids, attention_mask, token_type_ids, buffers: InputBuffers, pad_token_id=None
 ) -> torch.Tensor:
-    """Copy ``[B, S]`` inputs into ``buffers`` (zeros past B and S) and return the seven
-    statistics of ``STATS`` as an int64 tensor on the device.
+    """Copy ``[B, S]`` inputs into ``buffers`` (zeros past B and S) and return the eight
+    statistics of ``STATS`` as an int64 tensor on the device (``pad_before_real`` counts real
+    tokens at or after a ``pad_token_id`` of their sequence; 0 when it is None).
 
     >>> import torch
     >>> buf = InputBuffers(4, 16, "cpu")
@@ -180,8 +203,10 @@ def prepare_inputs(
         buffers.ticket,
         buffers.stats,
         buffers.b_pad,
+        pad_token_id if pad_token_id is not None else 0,
         HAS_MASK=attention_mask is not None,
         HAS_TYPES=token_type_ids is not None,
+        HAS_PAD=pad_token_id is not None,
         BLOCK_S=block_s,
         BLOCK_R=256,
         num_warps=4 if block_s <= 1024 else 8,
@@ -189,7 +214,9 @@ def prepare_inputs(
     return buffers.stats
 
 
-def prepare_inputs_reference(input_ids, attention_mask, token_type_ids, b_pad, s_pad):
+def prepare_inputs_reference(
+    input_ids, attention_mask, token_type_ids, b_pad, s_pad, pad_token_id=None
+):
     """(ids, mask, types, stats) as ``prepare_inputs`` computes them, with torch ops."""
     b, s = input_ids.shape
     dev = input_ids.device
@@ -201,6 +228,9 @@ def prepare_inputs_reference(input_ids, attention_mask, token_type_ids, b_pad, s
         padded[:b, :s] = t
         out.append(padded)
     bad = ((mask != 0) & (mask != 1)).sum()
+    early = torch.zeros((), dtype=torch.int64, device=dev)
+    if pad_token_id is not None:
+        early = (((input_ids == pad_token_id).cumsum(1) > 0) & (mask != 0)).sum()
     stats = torch.stack(
         [
             input_ids.min(),
@@ -210,6 +240,7 @@ def prepare_inputs_reference(input_ids, attention_mask, token_type_ids, b_pad, s
             mask.sum(),
             mask[:, 0].min().clamp(max=1),
             bad,
+            early,
         ]
     ).to(torch.int64)
     return (*out, stats)

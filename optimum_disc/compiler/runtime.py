@@ -258,15 +258,12 @@ class CompiledModel:
         inputs = self._input_buffers(b_pad, s_pad)
         # One launch fills the bucket's input buffers and computes the statistics; reading
         # them is the call's one wait for the GPU.
-        stats = self._kernels.prologue.prepare_inputs(ids, mask, types, inputs)
+        # RoBERTa-style positions count real tokens from the left; the program computes
+        # s + offset, which equals that only when no padding token comes before a real one:
+        # the launch counts the real tokens that break this.
         positions = self.program.meta.get("positions")
-        if positions is not None:
-            # RoBERTa-style positions count real tokens from the left; the program computes
-            # s + offset, which equals that only when no padding token comes before a real one.
-            pad = ids == positions["pad_token_id"]
-            real = mask != 0 if mask is not None else torch.ones_like(pad)
-            early = ((pad.cumsum(1) > 0) & real).sum()
-            stats = torch.cat([stats[:7], early.view(1).to(stats.dtype)])
+        pad_id = positions["pad_token_id"] if positions is not None else None
+        stats = self._kernels.prologue.prepare_inputs(ids, mask, types, inputs, pad_id)
         stats = stats.tolist()
         if positions is not None and stats[7]:
             raise ValueError(

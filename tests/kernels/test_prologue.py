@@ -32,7 +32,7 @@ def test_prepare_inputs_matches_reference(
         ref_ids, ref_mask, ref_types, ref_stats = prepare_inputs_reference(
             ids, mask, types, b_pad, s_pad
         )
-        assert stats[:7].tolist() == ref_stats.tolist(), f"seed {seed}"
+        assert stats.tolist() == ref_stats.tolist(), f"seed {seed}"
         assert torch.equal(buffers.ids, ref_ids), f"seed {seed}"
         assert torch.equal(buffers.mask, ref_mask), f"seed {seed}"
         assert torch.equal(buffers.types, ref_types), f"seed {seed}"
@@ -45,7 +45,31 @@ def test_strided_inputs(device, seed):
     buffers = InputBuffers(4, 16, device)
     stats = prepare_inputs(ids, None, None, buffers)
     ref = prepare_inputs_reference(ids, None, None, 4, 16)
-    assert torch.equal(buffers.ids, ref[0]) and stats[:7].tolist() == ref[3].tolist()
+    assert torch.equal(buffers.ids, ref[0]) and stats.tolist() == ref[3].tolist()
+
+
+@pytest.mark.parametrize("with_mask", [True, False])
+def test_counts_real_tokens_after_a_padding_token(with_mask, device, seed):
+    """RoBERTa-style positions: the eighth statistic counts real tokens at or after a padding
+    token of their own sequence (left padding, padding inside), never across sequences."""
+    pad = 1
+    ids = torch.randint(2, 50, (6, 11), device=device)
+    mask = torch.ones_like(ids)
+    ids[0, 8:], mask[0, 8:] = pad, 0  # right padding: fine
+    ids[1, :3], mask[1, :3] = pad, 0  # left padding: 8 real tokens after it
+    ids[2, 4] = pad  # a real padding token inside: it and the 6 after it
+    ids[3, 10] = pad  # the last token, real: 1
+    ids[5, 0] = pad  # ...and a masked one at the start of another sequence
+    mask[5, 0] = 0
+    for _ in range(2):
+        stats = prepare_inputs(
+            ids, mask if with_mask else None, None, InputBuffers(8, 16, device), pad_token_id=pad
+        )
+        ref = prepare_inputs_reference(ids, mask if with_mask else None, None, 8, 16, pad)[3]
+        assert stats.tolist() == ref.tolist(), f"seed {seed}"
+    expected = (8 + 7 + 1 + 10) if with_mask else (3 + 11 + 7 + 1 + 11)
+    assert stats[7].item() == expected
+    assert prepare_inputs(ids, mask, None, InputBuffers(8, 16, device))[7].item() == 0
 
 
 def test_refuses_inputs_larger_than_the_buffers(device):
