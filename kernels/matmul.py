@@ -821,8 +821,8 @@ def tune(
     on) and finds its weight in device memory, not in L2. One launch timed alone would mostly
     measure launch latency for the small GEMMs, and pick among near-ties at random. cuBLAS is
     timed with the epilogue (``activation``, ``residual``), which it runs as separate kernels.
-    Configs that do not compile (e.g. out of shared memory) are skipped. On
-    the CPU interpreter nothing is timed and the default is returned.
+    Configs that do not compile (e.g. out of shared memory) are skipped. On the CPU interpreter
+    nothing is timed and the default is returned.
 
     >>> import torch
     >>> cfg = tune(8, 16, 32, torch.float32, "cpu")
