@@ -426,8 +426,13 @@ def test_kernel_families_and_the_profile_table():
     # The profiler's own bookkeeping on the CPU: no GPU kernels, a positive wall time.
     calls = []
     prof = benchmark.profile_calls(lambda: calls.append(torch.ones(4).sum()), 3, "cpu")
-    assert len(calls) == 3 and prof["gpu_ms"] == 0 and prof["wall_ms"] > 0
-    assert prof["host_and_gaps_ms"] == pytest.approx(prof["wall_ms"])
+    assert len(calls) == 3 and prof["gpu_ms"] == 0 and prof["busy_ms"] == 0
+    assert prof["wall_ms"] > 0 and prof["host_and_gaps_ms"] == pytest.approx(prof["wall_ms"])
+
+    # Kernels that overlap (PDL) count once in the busy time; gaps do not count.
+    assert benchmark.busy_ms([(0.0, 4.0), (2.0, 6.0), (10.0, 11.0)]) == pytest.approx(0.007)
+    assert benchmark.busy_ms([(5.0, 9.0), (0.0, 20.0), (1.0, 2.0)]) == pytest.approx(0.020)
+    assert benchmark.busy_ms([]) == 0
 
 
 def test_floor_of_a_shape():
@@ -474,12 +479,14 @@ def test_profile_table_in_the_markdown(tmp_path):
     shape["profile"] = {
         **benchmark.summarize_kernels([("_linear_kernel", 40.0, 10)], calls=1),
         "wall_ms": 0.1,
+        "busy_ms": 0.035,
         "host_and_gaps_ms": 0.06,
         "floor": {"ms": 0.002},
     }
     results["results"]["disc_fp32"]["gemm_configs"] = {"96x32 m16": "triton 16x32x32 split2"}
     table = benchmark.markdown_table(results)
-    assert "| disc_fp32 | 2x8 | 0.100 | 0.040 (10) | – | – | 0.040 (10) |" in table
+    median = f"{shape['median_ms']:.3f}"
+    assert f"| disc_fp32 | 2x8 | {median} | 0.035 | 0.040 (10) | – | – | 0.040 (10) |" in table
     assert "| 0.060 | 0.002 |" in table
     assert "96x32 m16: triton 16x32x32 split2" in table
     with pytest.raises(ValueError, match="--profile-iters"):
