@@ -14,6 +14,13 @@ import optimum_disc  # noqa: F401  (settles TRITON_INTERPRET before Triton loads
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
+if DEVICE == "cpu":
+    # Kernel tests see the interpreter's bf16 rounding that compiled models see (to nearest, as
+    # on a GPU; see optimum_disc/kernels/interpreter.py).
+    from optimum_disc.kernels import interpreter
+
+    interpreter.round_bf16_to_nearest()
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

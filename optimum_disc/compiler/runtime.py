@@ -48,6 +48,7 @@ class _Kernels:
         from optimum_disc.kernels import (
             attention,
             embedding,
+            interpreted,
             layernorm,
             matmul,
             pointwise,
@@ -56,6 +57,10 @@ class _Kernels:
 
         self.attention, self.embedding, self.prologue = attention, embedding, prologue
         self.layernorm, self.matmul, self.pointwise = layernorm, matmul, pointwise
+        if interpreted():
+            from optimum_disc.kernels import interpreter
+
+            interpreter.round_bf16_to_nearest()
 
 
 class CompiledModel:
