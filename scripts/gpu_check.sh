@@ -6,7 +6,7 @@
 # uncased BERT vocabulary at WHEELS/minilm-sentiment-fp16 is used for the dataset pass when present.
 # Prints a short table last.
 #
-#   bash scripts/gpu_check.sh [install|tests|bench|full|archs|profile|levers|minilm|quicktour|soak|all]
+#   bash scripts/gpu_check.sh [install|tests|bench|full|archs|profile|host|levers|minilm|quicktour|soak|all]
 #                             [options...]
 #
 # install: only install the wheels (into /tmp/optimum-disc-site, put on PYTHONPATH)
@@ -18,6 +18,8 @@
 #        BERT-base, against torch.compile with CUDA graphs (ARCH_SHAPES, default 1x128,32x128)
 # profile: where the time of one call goes (GPU time per kernel family, host time, the floor):
 #        disc fp16 at every shape, disc fp32 beside eager fp32 at 2x16 and 1x128
+# host: the host part of a call against its CUDA graph alone (scripts/host_time.py; options go
+#        to it)
 # levers: the gain of each lever (scripts/levers.py; options go to it)
 # minilm: the embedded MiniLM sentiment model over the movie reviews, compiled fp16 against
 #        transformers fp32, every bucket warmed up before timing
@@ -70,6 +72,9 @@ if [[ $mode == profile ]]; then
     --profile "$@" || status=1
   python3 -m optimum_disc.cli benchmark --output bench-profile-fp32 --dataset none --profile \
     --peers eager_fp32,disc_fp32 --shapes 2x16,1x128 "$@" || status=1
+fi
+if [[ $mode == host ]]; then
+  python3 "$OLDPWD/scripts/host_time.py" --output host_time.json "$@" || status=1
 fi
 if [[ $mode == levers ]]; then
   python3 "$OLDPWD/scripts/levers.py" --output levers "$@" || status=1
