@@ -21,17 +21,12 @@ import torch
 
 
 def _median_ms(fn, iters: int) -> float:
+    """Median of ``iters`` calls timed as the benchmark times them, after 10 warm-up calls."""
+    from optimum_disc.benchmark import time_calls
+
     for _ in range(10):
         fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+    times = time_calls(fn, iters, "cuda")
     return sorted(times)[len(times) // 2]
 
 
