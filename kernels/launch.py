@@ -68,6 +68,18 @@ def wait_for_previous():
 
 
 @triton.jit
+def wait_only():
+    """`wait_for_previous` without letting the next PDL kernel start (see `let_next_start`)."""
+    gdc_wait()
+
+
+@triton.jit
+def let_next_start():
+    """Let the next PDL kernel of the stream start (its programs get scheduled, and wait)."""
+    gdc_launch_dependents()
+
+
+@triton.jit
 def prefetch_l2(ptrs):
     """Ask for the cache lines at ``ptrs`` to be brought into L2 (no registers, no wait)."""
     tl.inline_asm_elementwise(

@@ -4,7 +4,9 @@ Every dense layer of a BERT-family encoder (QKV projection, attention output, bo
 pooler, classifier) is this one kernel, so the bias, the activation and the residual add are
 applied to the fp32 accumulator in registers and the result is written to memory once. For few
 rows, ``GemmConfig.split_k`` spreads K over several programs per output tile; the last of them
-to finish sums the fp32 partials in a fixed order and applies the same epilogue.
+to finish sums the fp32 partials in a fixed order and applies the same epilogue. For many rows
+of 16-bit inputs on Hopper, ``GemmConfig.backend == "tma"`` runs the same product and epilogue
+as a persistent kernel whose tiles are loaded and stored through TMA descriptors.
 
 >>> import torch
 >>> from optimum_disc.kernels.matmul import linear, linear_reference, TOLERANCES
@@ -26,6 +28,11 @@ import triton.language as tl
 
 from . import interpreted
 from . import launch as _pdl
+
+try:  # Triton >= 3.4: tensor-memory-accelerator (TMA) descriptors made on the host
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: the "tma" backend runs the plain kernel
+    TensorDescriptor = None
 
 ACTIVATIONS = (None, "gelu", "gelu_tanh", "tanh", "relu")
 
@@ -61,11 +68,16 @@ CUBLAS_TOLERANCES = {
 # Hopper allows 227 KiB of shared memory per block; heuristics stay well under it because the
 # epilogue's layout conversion needs scratch space on top of the pipelined operand buffers.
 _SMEM_BUDGET = 200 * 1024
+# What one block may use on Hopper (227 KiB).
+_SMEM_HARDWARE = 227 * 1024
 # H100 SXM. Only used to prefer smaller tiles when large ones would leave SMs idle.
 _SM_COUNT = 132
 # Up to this many rows a GEMM is bound by reading its weight, which a PDL launch prefetches into
 # L2 while the previous kernel finishes; beyond it each weight tile is reused by many row tiles.
 _PREFETCH_MAX_M = 256
+
+
+BACKENDS = ("triton", "tma", "cublas")
 
 
 @dataclass(frozen=True)
@@ -83,17 +95,23 @@ class GemmConfig:
     group_m: int
     num_warps: int
     num_stages: int
-    # "triton": the kernel of this file with the tiles above; "cublas": the vendor library
-    # through torch (the tiles are unused), with the epilogue as separate torch ops. The tuner
-    # times both, since cuBLAS wins some shapes (fp32 above all, where this kernel runs on FMA).
+    # "triton": the kernel of this file with the tiles above; "tma": the persistent kernel that
+    # loads its tiles through TMA descriptors (16-bit inputs on Hopper and newer; elsewhere it
+    # runs as "triton"); "cublas": the vendor library through torch (the tiles are unused),
+    # with the epilogue as separate torch ops. The tuner times them all, since cuBLAS wins some
+    # shapes (fp32 above all, where this kernel runs on FMA).
     backend: str = "triton"
     # Programs per output tile, each summing one slice of K (split-K, see `_linear_kernel`):
     # for few rows, where the tiles alone would leave most SMs idle. 1 is the plain kernel.
     split_k: int = 1
 
     def __post_init__(self):
-        if self.backend not in ("triton", "cublas"):
-            raise ValueError(f"GemmConfig.backend={self.backend!r}: use 'triton' or 'cublas'")
+        if self.backend not in BACKENDS:
+            raise ValueError(
+                f"GemmConfig.backend={self.backend!r}: use one of {', '.join(map(repr, BACKENDS))}"
+            )
+        if self.backend == "tma" and self.split_k != 1:
+            raise ValueError("GemmConfig.split_k must be 1 with backend='tma' (it is persistent)")
         for name in ("block_m", "block_n", "block_k"):
             v = getattr(self, name)
             # tl.dot needs every dimension to be a power of two of at least 16.
@@ -150,6 +168,23 @@ def _tanh(x):
 
 
 @triton.jit
+def _bias_activation(acc, offs_n, N, b_ptr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr):
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    if ACTIVATION == 1:  # gelu, exact erf form as torch's approximate="none"
+        acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
+    elif ACTIVATION == 2:  # gelu_tanh, torch's approximate="tanh"
+        inner = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
+        acc = 0.5 * acc * (1.0 + _tanh(inner))
+    elif ACTIVATION == 3:
+        acc = _tanh(acc)
+    elif ACTIVATION == 4:
+        acc = tl.maximum(acc, 0.0)
+    return acc
+
+
+@triton.jit
 def _epilogue(
     acc,
     offs_m,
@@ -166,19 +201,7 @@ def _epilogue(
     ACTIVATION: tl.constexpr,
 ):
     # Bias, activation and residual on the fp32 accumulator, then one cast and one store.
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0)
-        acc += bias.to(tl.float32)[None, :]
-    if ACTIVATION == 1:  # gelu, exact erf form as torch's approximate="none"
-        acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
-    elif ACTIVATION == 2:  # gelu_tanh, torch's approximate="tanh"
-        inner = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
-        acc = 0.5 * acc * (1.0 + _tanh(inner))
-    elif ACTIVATION == 3:
-        acc = _tanh(acc)
-    elif ACTIVATION == 4:
-        acc = tl.maximum(acc, 0.0)
-
+    acc = _bias_activation(acc, offs_n, N, b_ptr, HAS_BIAS, ACTIVATION)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     offs_m64 = offs_m.to(tl.int64)
     if HAS_RESIDUAL:
@@ -371,6 +394,106 @@ def _linear_kernel(
             )
 
 
+@triton.jit
+def _tile_of(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    # The tile order of `_linear_kernel`: column-major super-blocks of GROUP_M row tiles.
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (tile // num_pid_in_group) * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((tile % num_pid_in_group) % group_size_m)
+    pid_n = (tile % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _linear_tma_kernel(
+    x_desc,
+    w_desc,
+    y_desc,
+    b_ptr,
+    r_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    stride_rm,
+    stride_ym,
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr,
+    TMA_STORE: tl.constexpr,
+    PDL: tl.constexpr = False,
+    LET_NEXT_START_AT_END: tl.constexpr = False,
+):
+    # Persistent: program p computes tiles p, p + NUM_PROGRAMS, ... in the order of
+    # `_tile_of`. The tile loop and the K loop are flattened into one software pipeline, so the
+    # TMA loads of a program's next tile are in flight while it runs the epilogue of the current
+    # one: at BERT's K = 768 (12 K blocks) a tile's pipeline fill and epilogue would otherwise
+    # cost about as much as its main loop. TMA reads past M, N and K as zeros, so the loads
+    # need no masks; the epilogue's masked store drops the rows and columns past M and N.
+    # TMA_STORE: the output tile leaves through a TMA store (asynchronous, clipped at M and N)
+    # instead of per-thread stores.
+    start = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    num_tiles = num_pid_m * num_pid_n
+    if PDL:
+        if LET_NEXT_START_AT_END:
+            _pdl.wait_only()
+        else:
+            _pdl.wait_for_previous()
+    # The epilogue's tile is counted apart from the loop's, so that it does not keep the loop
+    # variable alive across the flattened pipeline's stages.
+    tile_out = start - NUM_PROGRAMS
+    for tile in tl.range(start, num_tiles, NUM_PROGRAMS, flatten=True):
+        pid_m, pid_n = _tile_of(tile, num_pid_m, num_pid_n, GROUP_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kk in range(k_tiles):
+            a = x_desc.load([pid_m * BLOCK_M, kk * BLOCK_K])
+            b = w_desc.load([pid_n * BLOCK_N, kk * BLOCK_K])
+            if UPCAST:
+                # As in `_linear_kernel`: the interpreter's bf16 dot, made exact.
+                acc = tl.dot(a.to(tl.float32), b.to(tl.float32).T, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b.T, acc)
+        tile_out += NUM_PROGRAMS
+        pid_m, pid_n = _tile_of(tile_out, num_pid_m, num_pid_n, GROUP_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        if TMA_STORE:
+            acc = _bias_activation(acc, offs_n, N, b_ptr, HAS_BIAS, ACTIVATION)
+            if HAS_RESIDUAL:
+                mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+                r_ptrs = r_ptr + offs_m.to(tl.int64)[:, None] * stride_rm + offs_n[None, :]
+                acc += tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
+            y_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(y_desc.dtype))
+        else:
+            _epilogue(
+                acc,
+                offs_m,
+                offs_n,
+                M,
+                N,
+                b_ptr,
+                r_ptr,
+                y_ptr,
+                stride_rm,
+                stride_ym,
+                HAS_BIAS,
+                HAS_RESIDUAL,
+                ACTIVATION,
+            )
+    if PDL and LET_NEXT_START_AT_END:
+        _pdl.let_next_start()
+
+
 def _check_matrix(name: str, t: torch.Tensor, shape: tuple[int, int] | None = None) -> None:
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -468,6 +591,10 @@ def linear(
             return _linear_cublas(x, weight, bias, activation, residual, out)
     upcast = x.dtype == torch.bfloat16 and interpreted()
     tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
+    if config.backend == "tma":
+        if _tma_fits(x, weight):
+            return _linear_tma(x, weight, bias, activation, residual, out, config, tiles, upcast)
+        config = replace(config, backend="triton")
     if config.split_k == 1:
         grid = (tiles,)
         workspace = counters = x  # never read: SPLIT_K is 1
@@ -509,6 +636,95 @@ def linear(
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         **pdl,
+    )
+    return out
+
+
+def _tma_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the "tma" backend can run: 16-bit operands with 16-byte aligned rows (TMA's
+    rule), on Hopper or newer or on the interpreter, with a Triton that has host descriptors."""
+    if TensorDescriptor is None or x.dtype == torch.float32:
+        return False
+    if x.device.type == "cuda":
+        if interpreted() or torch.cuda.get_device_capability(x.device) < (9, 0):
+            return False
+    elif not interpreted():
+        return False
+    return _tma_aligned(x) and _tma_aligned(weight)
+
+
+def _tma_aligned(t: torch.Tensor) -> bool:
+    return t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
+
+
+# Whether "tma" launches store their output tiles through TMA (16-bit, aligned outputs).
+TMA_STORE = True
+# How a "tma" launch takes part in PDL: "start" (it lets the next kernel start as soon as its
+# programs run, as every other kernel does), "end" (once its programs are done) or "off"
+# (launched without PDL). Measured at 128 x 128 (BERT-base, fp16, one run): 8.36, 7.47 and
+# 7.55 ms; "end" keeps the next kernel's programs off the SMs while the persistent programs
+# still run.
+TMA_PDL = "end"
+
+
+def _tma_pdl_options(device: torch.device) -> dict:
+    options = _pdl.options(device)
+    if not options["PDL"] or TMA_PDL == "off":
+        return {"PDL": False}
+    return {**options, "LET_NEXT_START_AT_END": TMA_PDL == "end"}
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: a few programs, each walking several tiles
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _linear_tma(x, weight, bias, activation, residual, out, config, tiles, upcast):
+    m, k = x.shape
+    n = weight.shape[0]
+    bm, bn, bk = config.block_m, config.block_n, config.block_k
+    x_desc = TensorDescriptor(x, [m, k], [x.stride(0), 1], [bm, bk])
+    w_desc = TensorDescriptor(weight, [n, k], [weight.stride(0), 1], [bn, bk])
+    # A constant program count (the SM count), so that every M of a bucket shares one compiled
+    # kernel; with fewer tiles than SMs, each program has one tile.
+    programs = _sm_count(x.device)
+    # The TMA store stages the tile in shared memory in the output dtype: 16-bit outputs only
+    # (an fp32 tile of 128 x 256 would not fit beside the operand buffers), and with a
+    # residual, whose load takes scratch space of its own, only where twice the tile still
+    # fits beside the operand buffers (128 x 256 x 64 in 3 stages asked for 240 KiB on an H100).
+    tile_bytes = bm * bn * out.element_size()
+    staged = config.smem_bytes(x.dtype) + tile_bytes * (2 if residual is not None else 1)
+    tma_store = (
+        TMA_STORE and out.element_size() == 2 and _tma_aligned(out) and staged <= _SMEM_HARDWARE
+    )
+    y_desc = TensorDescriptor(out, [m, n], [out.stride(0), 1], [bm, bn]) if tma_store else None
+    _linear_tma_kernel[(min(tiles, programs),)](
+        x_desc,
+        w_desc,
+        y_desc if tma_store else x_desc,  # never used: TMA_STORE is False
+        bias if bias is not None else x,  # never read: HAS_BIAS is False
+        residual if residual is not None else x,  # never read: HAS_RESIDUAL is False
+        out,
+        m,
+        n,
+        k,
+        residual.stride(0) if residual is not None else 0,
+        out.stride(0),
+        HAS_BIAS=bias is not None,
+        HAS_RESIDUAL=residual is not None,
+        ACTIVATION=_ACTIVATION_IDS[activation],
+        UPCAST=upcast,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        GROUP_M=config.group_m,
+        NUM_PROGRAMS=programs,
+        TMA_STORE=tma_store,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+        **_tma_pdl_options(x.device),
     )
     return out
 
@@ -773,8 +989,28 @@ _SPLIT_K_CANDIDATES = {
 }
 
 
-def candidate_configs(m: int, n: int, k: int, dtype: torch.dtype) -> list[GemmConfig]:
+# Persistent TMA kernel candidates (backend "tma"), 16-bit and at least _TMA_MIN_ROWS rows: the
+# tiles there are compute-bound, and hiding each tile's pipeline fill and epilogue behind the
+# next tile's loads is what the persistent kernel adds. Timed alone (scripts/gemm_bench.py) it
+# also beats the plain kernel by 5 to 15% at 1,024 to 4,096 rows, but BERT-base in the model
+# ran slower with it there (8 x 128: 1.26 against 1.04 ms; the movie-review pass: 266 against
+# 191 ms), with PDL or without: those rows stay with the plain kernel (docs/performance.md).
+_TMA_MIN_ROWS = 8192
+_TMA_CANDIDATES = (
+    (128, 256, 64, 8, 3),
+    (128, 128, 64, 8, 4),
+    (128, 128, 64, 4, 4),
+    (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+)
+
+
+def candidate_configs(
+    m: int, n: int, k: int, dtype: torch.dtype, tma: bool = True
+) -> list[GemmConfig]:
     """Configs worth timing on Hopper for this shape and dtype; the default comes first.
+    ``tma=False`` leaves out the "tma" backend (for GPUs older than Hopper), which is only
+    a candidate for 16-bit inputs and at least 8,192 rows.
 
     >>> import torch
     >>> cands = candidate_configs(4096, 768, 768, torch.bfloat16)
@@ -785,20 +1021,28 @@ def candidate_configs(m: int, n: int, k: int, dtype: torch.dtype) -> list[GemmCo
     bucket = m_bucket(m)
     key = ("fp32" if dtype == torch.float32 else "16bit", "small" if bucket <= 256 else "large")
     found = [default]
-    tuples = _CANDIDATES[key]
+    tuples = [(cfg, "triton") for cfg in _CANDIDATES[key]]
     if key[1] == "small":
-        tuples += _SPLIT_K_CANDIDATES[key[0]]
-    for cfg in tuples:
-        c = _clamp(cfg, bucket, n, k)
+        tuples += [(cfg, "triton") for cfg in _SPLIT_K_CANDIDATES[key[0]]]
+    elif key[0] == "16bit" and tma and bucket >= _TMA_MIN_ROWS:
+        tuples += [(cfg, "tma") for cfg in _TMA_CANDIDATES]
+    for cfg, backend in tuples:
+        c = replace(_clamp(cfg, bucket, n, k), backend=backend)
         if c not in found and c.smem_bytes(dtype) <= _SMEM_BUDGET and _split_fits(c, k):
             found.append(c)
     return found
 
 
-def tuning_candidates(m: int, n: int, k: int, dtype: torch.dtype) -> list[GemmConfig]:
-    """What `tune` times: `candidate_configs` and cuBLAS (unless TF32 is allowed for fp32,
-    which the Triton kernel does not do: the tuner would trade precision for speed)."""
-    candidates = candidate_configs(m, n, k, dtype)
+def tuning_candidates(m: int, n: int, k: int, dtype: torch.dtype, device=None) -> list[GemmConfig]:
+    """What `tune` times: `candidate_configs` (with "tma" ones only where ``device`` is a GPU
+    of compute capability 9.0 or newer) and cuBLAS (unless TF32 is allowed for fp32, which the
+    Triton kernel does not do: the tuner would trade precision for speed)."""
+    tma = (
+        device is not None and torch.device(device).type == "cuda" and TensorDescriptor is not None
+    )
+    if tma:
+        tma = torch.cuda.get_device_capability(torch.device(device)) >= (9, 0)
+    candidates = candidate_configs(m, n, k, dtype, tma=tma)
     if not (dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32):
         candidates.append(CUBLAS)
     return candidates
@@ -813,7 +1057,37 @@ def tune(
     activation: str | None = None,
     residual: bool = False,
 ) -> GemmConfig:
-    """Fastest of `tuning_candidates` for this shape and epilogue, timed as the model runs it.
+    """Fastest of `tuning_candidates` for this shape and epilogue, timed as the model runs it
+    (see `time_candidates`). On the CPU interpreter nothing is timed and the default is
+    returned.
+
+    >>> import torch
+    >>> cfg = tune(8, 16, 32, torch.float32, "cpu")
+    """
+    if interpreted() or torch.device(device).type != "cuda":
+        return default_config(m, n, k, dtype)
+    timed = time_candidates(m, n, k, dtype, device, activation, residual)
+    ran = [(ms, i) for i, (_, ms) in enumerate(timed) if ms is not None]
+    if not ran:
+        raise RuntimeError(
+            f"no candidate config ran for m={m}, n={n}, k={k}, dtype={dtype} on {device}: "
+            f"{[str(cfg) for cfg, _ in timed]}"
+        )
+    return timed[min(ran)[1]][0]
+
+
+def time_candidates(
+    m: int,
+    n: int,
+    k: int,
+    dtype: torch.dtype,
+    device,
+    activation: str | None = None,
+    residual: bool = False,
+    candidates: list[GemmConfig] | None = None,
+) -> list[tuple[GemmConfig, float | None]]:
+    """Milliseconds of one launch of each candidate (default: `tuning_candidates`) on a GPU,
+    None for a config that does not compile (e.g. out of shared memory).
 
     Each candidate is captured in a CUDA graph of back-to-back launches over enough copies of
     the weight that they do not fit in L2, and the graph's replays are timed: in the model, a
@@ -821,14 +1095,7 @@ def tune(
     on) and finds its weight in device memory, not in L2. One launch timed alone would mostly
     measure launch latency for the small GEMMs, and pick among near-ties at random. cuBLAS is
     timed with the epilogue (``activation``, ``residual``), which it runs as separate kernels.
-    Configs that do not compile (e.g. out of shared memory) are skipped. On the CPU interpreter
-    nothing is timed and the default is returned.
-
-    >>> import torch
-    >>> cfg = tune(8, 16, 32, torch.float32, "cpu")
     """
-    if interpreted() or torch.device(device).type != "cuda":
-        return default_config(m, n, k, dtype)
     from triton.compiler.errors import CompilationError
     from triton.runtime.errors import OutOfResources
 
@@ -845,8 +1112,8 @@ def tune(
     weights = [(torch.randn((n, k), device=device) / k**0.5).to(dtype) for _ in range(copies)]
 
     def launches(cfg):
-        # The Triton kernel applies any epilogue to its accumulator in registers, at about the
-        # same cost for every tile shape, so its candidates are timed without one (and share
+        # The Triton kernels apply any epilogue to their accumulator in registers, at about the
+        # same cost for every tile shape, so their candidates are timed without one (and share
         # their compilations across epilogues); cuBLAS runs the epilogue as extra passes over
         # the output, which its timing must include.
         cublas = cfg.backend == "cublas"
@@ -854,20 +1121,16 @@ def tune(
         for w in weights:
             linear(x, w, bias, activation=act, residual=r, out=y, config=cfg)
 
-    best, best_ms, errors = None, float("inf"), []
-    for cfg in tuning_candidates(m, n, k, dtype):
+    timed = []
+    if candidates is None:
+        candidates = tuning_candidates(m, n, k, dtype, device)
+    for cfg in candidates:
         try:
             ms = _time_in_graph(lambda cfg=cfg: launches(cfg), device) / copies
-        except (OutOfResources, CompilationError, RuntimeError) as e:
-            errors.append(f"{cfg}: {type(e).__name__}")
-            continue
-        if ms < best_ms:
-            best, best_ms = cfg, ms
-    if best is None:
-        raise RuntimeError(
-            f"no candidate config ran for m={m}, n={n}, k={k}, dtype={dtype} on {device}: {errors}"
-        )
-    return best
+        except (OutOfResources, CompilationError, RuntimeError):
+            ms = None
+        timed.append((cfg, ms))
+    return timed
 
 
 # At most this many weight copies per tuning graph (the 768 x 768 weight of BERT-base in fp16 is

@@ -145,6 +145,43 @@ def test_linear_explicit_config(dtype, device, seed):
     _check(y, ref, seed, f"{cfg} {dtype}")
 
 
+def _tma_config(block_m=16, block_n=32, block_k=32, group_m=3) -> GemmConfig:
+    return GemmConfig(block_m, block_n, block_k, group_m, num_warps=4, num_stages=3, backend="tma")
+
+
+# The persistent TMA kernel: M = 129 and N = 130 leave partial tiles on both edges (TMA reads
+# them as zeros, the store drops them), K = 40 ends in a partial K block, and 9 x 5 = 45 tiles
+# over the programs (4 on the interpreter, 132 on an H100) give each program several tiles
+# in the interpreter, in the order of partial row groups (group_m = 3). The 16-bit outputs of
+# N = 32 and 96 leave by TMA store, those of N = 130 (rows not 16-byte aligned) per thread.
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m, n, k", [(129, 130, 40), (7, 32, 128), (300, 96, 72)])
+@pytest.mark.parametrize("activation", [None, "gelu", "tanh"])
+def test_linear_tma(m, n, k, activation, dtype, device, seed):
+    x, w, b, r = _inputs(m, n, k, dtype, device, residual=activation != "tanh")
+    out = _poisoned(m, n, dtype, device)
+    cfg = _tma_config()
+    y = linear(x, w, b, activation=activation, residual=r, out=out, config=cfg)
+    ref = linear_reference(x, w, b, activation=activation, residual=r)
+    # fp32 runs the plain kernel with the same tiles (TMA is for 16-bit operands).
+    _check(y, ref, seed, f"tma M={m} N={n} K={k} {activation} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_linear_tma_strided_and_unaligned(dtype, device, seed):
+    """A column slice of a wider buffer goes through TMA when its rows are 16-byte aligned;
+    one that is not (odd offset) runs the plain kernel: both give the reference's result."""
+    m, n, k = 65, 48, 40
+    _, w, b, _ = _inputs(m, n, k, dtype, device)
+    buf = torch.randn(m, k + 24, device=device).to(dtype)
+    for offset, fits in ((8, True), (3, False)):
+        x = buf[:, offset : offset + k]
+        assert matmul._tma_fits(x, w) is (fits and matmul.TensorDescriptor is not None), offset
+        y = linear(x, w, b, activation="relu", config=_tma_config())
+        ref = linear_reference(x, w, b, activation="relu")
+        _check(y, ref, seed, f"tma x offset {offset} {dtype}")
+
+
 # Split-K on tiny shapes (the interpreter runs every program of every K slice). M = 20 is not a
 # multiple of block_m = 16, N = 48 not of block_n = 32, and K = 200 is 7 blocks of 32, the last
 # one short: split 2 gives slices of 4 and 3 blocks, split 4 slices of 2, 2, 2 and 1.
@@ -351,6 +388,10 @@ def test_gemm_config_round_trip():
     assert GemmConfig.from_dict(split.to_dict()) == split and split.to_dict()["split_k"] == 4
     with pytest.raises(ValueError, match="backend='cudnn'"):
         GemmConfig(**{**d, "backend": "cudnn"})
+    tma = GemmConfig(**{**d, "backend": "tma"})
+    assert GemmConfig.from_dict(tma.to_dict()) == tma
+    with pytest.raises(ValueError, match="split_k must be 1 with backend='tma'"):
+        GemmConfig(**{**d, "backend": "tma", "split_k": 2})
     with pytest.raises(ValueError, match=r"missing keys \['num_stages'\]"):
         GemmConfig.from_dict({k: v for k, v in d.items() if k != "num_stages"})
     with pytest.raises(ValueError, match="block_k=24"):
@@ -405,6 +446,10 @@ def test_gpu_heuristics_fit_hopper(dtype, monkeypatch):
                 assert m_bucket(m) <= 256 and k // c.split_k >= c.block_k, f"{c} for M={m} K={k}"
         if m_bucket(m) <= 256 and k >= 2048:
             assert any(c.split_k > 1 for c in cands), f"no split-K candidate for M={m} K={k}"
+        # The persistent TMA kernel: 16-bit inputs and at least 8,192 rows only.
+        tma = any(c.backend == "tma" for c in cands)
+        assert tma == (dtype != torch.float32 and m_bucket(m) >= 8192), f"M={m} {dtype}"
+        assert not any(c.backend == "tma" for c in candidate_configs(m, n, k, dtype, tma=False))
         if m >= 4096 and n >= 768 and dtype != torch.float32:
             assert default.block_m == 128 and default.block_n == 128, f"{default} for M={m}"
     # BERT-base FFN down at batch 2 x seq 16: a few dozen tiles, so the default splits K.
@@ -485,6 +530,35 @@ def test_linear_split_k_gpu_bert_shapes(n, k, dtype, device, seed):
             again = linear(x, w, b, activation="gelu", residual=r, config=cfg)
             assert torch.equal(again, y), f"{cfg} {dtype}, seed={seed}: results differ"
     assert _counters_are_zero()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n, k", [(2304, 768), (768, 768), (3072, 768), (768, 3072)])
+@pytest.mark.parametrize("tma_store", [True, False], ids=["tma-store", "thread-store"])
+def test_linear_tma_gpu_bert_shapes(n, k, tma_store, dtype, device, seed, monkeypatch):
+    """Every TMA candidate at BERT-base shapes with 8,200 rows (a partial row tile), eagerly
+    and replayed from a CUDA graph with new inputs (descriptors are kernel parameters, so a
+    replay must read the same buffers' new contents); output tiles stored by TMA or per
+    thread."""
+    monkeypatch.setattr(matmul, "TMA_STORE", tma_store)
+    m = 8200
+    x, w, b, r = _inputs(m, n, k, dtype, device, residual=True)
+    configs = [c for c in candidate_configs(m, n, k, dtype) if c.backend == "tma"]
+    assert configs and matmul._tma_fits(x, w), f"no TMA candidate for M={m} N={n} K={k}"
+    for cfg in configs:
+        out = _poisoned(m, n, dtype, device)
+        y = linear(x, w, b, activation="gelu", residual=r, out=out, config=cfg)
+        _check(y, linear_reference(x, w, b, activation="gelu", residual=r), seed, f"{cfg}")
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            linear(x, w, b, activation="gelu", residual=r, out=out, config=cfg)
+        x.copy_(torch.randn(m, k, device=device).to(dtype))
+        out.fill_(float("nan"))
+        graph.replay()
+        ref = linear_reference(x, w, b, activation="gelu", residual=r)
+        _check(out, ref, seed, f"replay, {cfg}")
 
 
 @pytest.mark.gpu
