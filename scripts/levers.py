@@ -12,6 +12,7 @@ Levers:
                  while the previous one finishes; Hopper and newer)
   split_k        split-K GEMM configs (tuner candidates, and the default for few rows, long K)
   cublas         cuBLAS as a tuner candidate beside the Triton GEMM
+  tma            the persistent TMA GEMM as a tuner candidate (16-bit, more than 256 rows)
   autotune       GEMM block shapes timed per shape bucket (off: the built-in heuristic)
   cuda_graphs    CUDA graphs per shape bucket (off: every kernel launched from Python)
   remove_padding token-wise work on real tokens only (only the data-set pass has padding)
@@ -28,7 +29,7 @@ import os
 import sys
 from pathlib import Path
 
-LEVERS = ("pdl", "split_k", "cublas", "autotune", "cuda_graphs", "remove_padding")
+LEVERS = ("pdl", "split_k", "cublas", "tma", "autotune", "cuda_graphs", "remove_padding")
 
 
 @contextlib.contextmanager
@@ -49,16 +50,16 @@ def lever_off(name: str):
         }
         matmul._SPLIT_K_CANDIDATES = {key: () for key in matmul._SPLIT_K_CANDIDATES}
         matmul._default_split_k = lambda cfg, m, n, k: cfg
-    elif name == "cublas":
+    elif name in ("cublas", "tma"):
         saved = {"tuning_candidates": matmul.tuning_candidates}
         real = matmul.tuning_candidates
-        matmul.tuning_candidates = lambda *a: [c for c in real(*a) if c.backend != "cublas"]
+        matmul.tuning_candidates = lambda *a: [c for c in real(*a) if c.backend != name]
     elif name in ("autotune", "cuda_graphs", "remove_padding"):
         settings = {name: False}
     elif name != "baseline":
         raise ValueError(f"unknown lever {name!r}; choose among {', '.join(LEVERS)}")
     matmul._default_config.cache_clear()
-    if name in ("split_k", "cublas", "autotune"):
+    if name in ("split_k", "cublas", "tma", "autotune"):
         runtime._TUNED.clear()  # the tuner's choices of another variant must not be reused
     try:
         yield settings
@@ -70,7 +71,7 @@ def lever_off(name: str):
         else:
             os.environ["OPTIMUM_DISC_PDL"] = env
         matmul._default_config.cache_clear()
-        if name in ("split_k", "cublas", "autotune"):
+        if name in ("split_k", "cublas", "tma", "autotune"):
             runtime._TUNED.clear()
 
 
