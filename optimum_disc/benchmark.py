@@ -720,7 +720,19 @@ def summarize(times_ms: Sequence[float]) -> dict:
 KERNEL_FAMILIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("input preparation", ("_prepare_inputs_kernel",)),
     ("embedding", ("_embed_layernorm_kernel", "embedding")),
-    ("gemm", ("_linear_kernel", "gemm", "nvjet", "xmma", "cutlass", "splitkreduce", "cublas")),
+    (
+        "gemm",
+        (
+            "_linear_kernel",
+            "_linear_tma_kernel",
+            "gemm",
+            "nvjet",
+            "xmma",
+            "cutlass",
+            "splitkreduce",
+            "cublas",
+        ),
+    ),
     ("attention", ("_attention_kernel", "flash", "fmha", "attention", "softmax")),
     ("layernorm", ("_layer_norm_kernel", "layer_norm", "layernorm")),
     ("pointwise", ("pointwise_kernel",)),
@@ -838,7 +850,8 @@ def floor_ms(model: torch.nn.Module, shape: tuple[int, int], precision: str) -> 
 
 def gemm_choices(compiled) -> dict:
     """The GEMM configurations the compiled model holds (its tuning table, filled as each row
-    bucket is met): ``{"N x K, rows bucket": "backend BMxBNxBK splitS"}``."""
+    bucket is met): ``{"N x K, rows bucket": "backend BMxBNxBK splitS"}`` (``tma BMxBNxBK``
+    for the persistent TMA kernel)."""
     out = {}
     for key, cfg in sorted(getattr(compiled.program, "tuning", {}).items()):
         nk, _, rest = key.split("|", 1)[-1].partition(":")
@@ -850,7 +863,10 @@ def gemm_choices(compiled) -> dict:
             out[f"{nk} m{bucket}"] = "cublas"
         else:
             tiles = "x".join(str(cfg.get(k, "?")) for k in ("block_m", "block_n", "block_k"))
-            out[f"{nk} m{bucket}"] = f"triton {tiles} split{cfg.get('split_k', 1)}"
+            if cfg.get("backend") == "tma":
+                out[f"{nk} m{bucket}"] = f"tma {tiles}"
+            else:
+                out[f"{nk} m{bucket}"] = f"triton {tiles} split{cfg.get('split_k', 1)}"
     return out
 
 

@@ -406,6 +406,7 @@ def test_a_refused_config_is_a_row_not_a_crash(tmp_path, monkeypatch):
 
 def test_kernel_families_and_the_profile_table():
     assert benchmark.kernel_family("_linear_kernel") == "gemm"
+    assert benchmark.kernel_family("_linear_tma_kernel") == "gemm"
     assert benchmark.kernel_family("nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_NTN") == "gemm"
     assert benchmark.kernel_family("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize") == "gemm"
     assert benchmark.kernel_family("_attention_kernel") == "attention"
