@@ -688,7 +688,10 @@ def _linear_tma(x, weight, bias, activation, residual, out, config, tiles, upcas
     x_desc = TensorDescriptor(x, [m, k], [x.stride(0), 1], [bm, bk])
     w_desc = TensorDescriptor(weight, [n, k], [weight.stride(0), 1], [bn, bk])
     # A constant program count (the SM count), so that every M of a bucket shares one compiled
-    # kernel; with fewer tiles than SMs, each program has one tile.
+    # kernel; with fewer tiles than SMs, each program has one tile. (Measured on an H200 with
+    # exact GELU: two programs per SM where the shared memory holds them, 3% faster at 16,384
+    # rows and 5% slower at 2,048; tiles not flattened into one pipeline with the K loop, 12 to
+    # 23% slower: docs/performance.md.)
     programs = _sm_count(x.device)
     # The TMA store stages the tile in shared memory in the output dtype: 16-bit outputs only
     # (an fp32 tile of 128 x 256 would not fit beside the operand buffers), and with a
@@ -989,13 +992,13 @@ _SPLIT_K_CANDIDATES = {
 }
 
 
-# Persistent TMA kernel candidates (backend "tma"), 16-bit and at least _TMA_MIN_ROWS rows: the
-# tiles there are compute-bound, and hiding each tile's pipeline fill and epilogue behind the
-# next tile's loads is what the persistent kernel adds. Timed alone (scripts/gemm_bench.py) it
-# also beats the plain kernel by 5 to 15% at 1,024 to 4,096 rows, but BERT-base in the model
-# ran slower with it there (8 x 128: 1.26 against 1.04 ms; the movie-review pass: 266 against
-# 191 ms), with PDL or without: those rows stay with the plain kernel (docs/performance.md).
-_TMA_MIN_ROWS = 8192
+# Persistent TMA kernel candidates (backend "tma"), 16-bit and at least _TMA_MIN_ROWS rows (the
+# regime of compute-bound tiles, where hiding each tile's pipeline fill behind the next tile's
+# loads is what the persistent kernel adds). The tuner times every candidate with its epilogue,
+# which decides here: with exact GELU the persistent kernel ran 2.5 times slower than without
+# (H200, 2,048 rows of BERT's FFN up: 45.8 against 18.5 us; the plain kernel 28.6 against
+# 21.8), while without GELU it beat the plain kernel by 10 to 15% (docs/performance.md).
+_TMA_MIN_ROWS = 512
 _TMA_CANDIDATES = (
     (128, 256, 64, 8, 3),
     (128, 128, 64, 8, 4),
@@ -1010,7 +1013,7 @@ def candidate_configs(
 ) -> list[GemmConfig]:
     """Configs worth timing on Hopper for this shape and dtype; the default comes first.
     ``tma=False`` leaves out the "tma" backend (for GPUs older than Hopper), which is only
-    a candidate for 16-bit inputs and at least 8,192 rows.
+    a candidate for 16-bit inputs and at least 512 rows.
 
     >>> import torch
     >>> cands = candidate_configs(4096, 768, 768, torch.bfloat16)
@@ -1093,8 +1096,10 @@ def time_candidates(
     the weight that they do not fit in L2, and the graph's replays are timed: in the model, a
     GEMM follows other kernels in a graph (launch gaps as there, and PDL's overlap where it is
     on) and finds its weight in device memory, not in L2. One launch timed alone would mostly
-    measure launch latency for the small GEMMs, and pick among near-ties at random. cuBLAS is
-    timed with the epilogue (``activation``, ``residual``), which it runs as separate kernels.
+    measure launch latency for the small GEMMs, and pick among near-ties at random. Every
+    candidate runs the model's epilogue (``activation``, ``residual``): its cost depends on the
+    kernel and the tiles (exact GELU is about 40 instructions per element, hidden only where
+    another program's products run beside it on the SM), and cuBLAS runs it as separate kernels.
     """
     from triton.compiler.errors import CompilationError
     from triton.runtime.errors import OutOfResources
@@ -1112,14 +1117,8 @@ def time_candidates(
     weights = [(torch.randn((n, k), device=device) / k**0.5).to(dtype) for _ in range(copies)]
 
     def launches(cfg):
-        # The Triton kernels apply any epilogue to their accumulator in registers, at about the
-        # same cost for every tile shape, so their candidates are timed without one (and share
-        # their compilations across epilogues); cuBLAS runs the epilogue as extra passes over
-        # the output, which its timing must include.
-        cublas = cfg.backend == "cublas"
-        act, r = (activation, res) if cublas else (None, None)
         for w in weights:
-            linear(x, w, bias, activation=act, residual=r, out=y, config=cfg)
+            linear(x, w, bias, activation=activation, residual=res, out=y, config=cfg)
 
     timed = []
     if candidates is None:

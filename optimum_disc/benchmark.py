@@ -830,12 +830,18 @@ def floor_ms(model: torch.nn.Module, shape: tuple[int, int], precision: str) -> 
     (the weights of every layer but the embeddings, times every token, plus attention's two
     products) and one read of those weights at the memory bandwidth."""
     batch, seq = shape
+    return work_floor_ms(model, batch * seq, batch * seq * seq, precision)
+
+
+def work_floor_ms(model: torch.nn.Module, tokens: int, pairs: int, precision: str) -> dict:
+    """`floor_ms` for ``tokens`` token rows and ``pairs`` (query, key) pairs of attention: for a
+    data-set pass with padding removed, the real tokens and the sum of squared lengths."""
     embedding = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
     dense = sum(p.numel() for p in model.parameters()) - embedding
     config = model.config
     layers = getattr(config, "num_hidden_layers", 0)
     hidden = getattr(config, "hidden_size", 0)
-    flops = 2.0 * dense * batch * seq + 4.0 * batch * seq * seq * hidden * layers
+    flops = 2.0 * dense * tokens + 4.0 * pairs * hidden * layers
     nbytes = dense * (4 if precision == "fp32" else 2)
     compute = flops / (PEAK_TFLOPS[precision] * 1e12) * 1e3
     memory = nbytes / (PEAK_TBPS * 1e12) * 1e3
@@ -1456,10 +1462,24 @@ class _Run:
         if peer.compiled is not None:
             out["cuda_graphs_held"] = len(peer.compiled._graphs)
             out["cuda_graph_captures_in_timed_passes"] = captures["n"] if captures else None
+        if o.profile and spec.kind == "disc" and self.device.type == "cuda":
+            out["profile"] = self._profile_pass(peer, spec, out["ms_per_pass"])
         self.log(
             f"{name} dataset: {out['ms_per_pass']:.1f} ms per pass, {out['texts_per_s']:.0f} "
             f"texts/s, cold pass {cold_s:.1f} s, max|dlogits| {out['max_abs_diff']:.2e}"
         )
+
+    def _profile_pass(self, peer: Peer, spec: PeerSpec, ms_per_pass: float) -> dict:
+        """Where the time of one data-set pass goes (`profile_calls` over the whole pass), with
+        the floor of its real work: the real tokens only, attention over each text's length."""
+        with torch.no_grad():
+            prof = profile_calls(lambda: [peer.call(b) for b in self.batches], 1, self.device)
+        prof["host_and_gaps_ms"] = max(ms_per_pass - prof["busy_ms"], 0.0)
+        lengths = torch.cat([b["attention_mask"].sum(1) for b in self.batches]).double()
+        model = self.dataset_models.get(torch.float32)
+        tokens, pairs = int(lengths.sum()), int((lengths**2).sum())
+        prof["floor"] = work_floor_ms(model, tokens, pairs, spec.precision)
+        return prof
 
     def _artifact_load(self, peer: Peer) -> dict:
         try:
@@ -1858,13 +1878,18 @@ def _profile_table(results: dict, section: dict) -> list[str]:
             r = _entry(section["results"], p, "shapes", sname)
             if r and "error" not in r and r.get("profile"):
                 rows.append((p, sname, r))
+    for p in results["peers"]:
+        r = _entry(section["results"], p, "dataset")
+        if r and "error" not in r and r.get("profile"):
+            rows.append((p, "data-set pass", {**r, "median_ms": r["ms_per_pass"]}))
     if not rows:
         return []
     families = [f for f, _ in KERNEL_FAMILIES if f != "copies"] + [OTHER_FAMILY]
     lines = [
         "",
         "Where the time of one call goes (PyTorch profiler, "
-        f"{rows[0][2]['profile']['calls']} back-to-back calls; GPU ms per call by kernel family, "
+        f"{rows[0][2]['profile']['calls']} back-to-back calls; a data-set pass row: one whole "
+        "pass, its ms per pass; GPU ms per call by kernel family, "
         "kernels per call in brackets (with programmatic dependent launch, on Hopper, a "
         "kernel's time also holds its wait for the kernel before it, so the families overlap "
         "and may add up past the call); GPU busy: the time any kernel runs, overlaps counted "

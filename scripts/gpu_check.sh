@@ -2,11 +2,12 @@
 # Runs the GPU tests and the benchmark on a CUDA machine that has no network: optimum-disc and
 # the packages the machine lacks come as wheels in WHEELS (default .whl), made beforehand on a
 # machine with network: `pip wheel --no-deps -w .whl .` and `pip download --no-deps -d .whl
-# optimum datasets dill multiprocess evaluate` (for Python 3.12). A tokenizer folder with the
-# uncased BERT vocabulary at WHEELS/minilm-sentiment-fp16 is used for the dataset pass when present.
+# optimum datasets dill multiprocess evaluate` (for Python 3.12), or `../shared/tools/gpu-wheels.sh
+# .whl --minilm`. A tokenizer folder with the uncased BERT vocabulary, WHEELS/minilm-sentiment-fp16
+# or else WHEELS/minilm-fp16 (what gpu-wheels.sh --minilm writes), is used for the dataset pass.
 # Prints a short table last.
 #
-#   bash scripts/gpu_check.sh [install|tests|bench|full|archs|profile|host|levers|gemm|minilm|quicktour|soak|all]
+#   bash scripts/gpu_check.sh [install|tests|bench|full|archs|profile|host|levers|gemm|epilogue|timeline|minilm|quicktour|soak|all]
 #                             [options...]
 #
 # install: only install the wheels (into /tmp/optimum-disc-site, put on PYTHONPATH)
@@ -23,6 +24,10 @@
 # levers: the gain of each lever (scripts/levers.py; options go to it)
 # gemm:  BERT-base's GEMMs, the best configuration of each backend (scripts/gemm_bench.py;
 #        options go to it)
+# epilogue: what the FFN up GEMM's GELU costs per kernel and tile
+#        (scripts/epilogue_cost.py; options go to it)
+# timeline: one call kernel by kernel, with and without the TMA GEMM at every row count, and
+#        each GEMM timed alone (scripts/kernel_timeline.py; options go to it)
 # minilm: the embedded MiniLM sentiment model over the movie reviews, compiled fp16 against
 #        transformers fp32, every bucket warmed up before timing
 # quicktour: examples/quicktour.py on the GPU with the embedded model folder
@@ -50,6 +55,10 @@ print(f"device {torch.cuda.get_device_name()} | torch {torch.__version__} | trit
 PY
 
 status=0
+tok=()
+for d in minilm-sentiment-fp16 minilm-fp16; do
+  if [ -d "$OLDPWD/$wheels/$d" ]; then tok=(--tokenizer "$OLDPWD/$wheels/$d"); break; fi
+done
 if [[ $mode == tests || $mode == all ]]; then
   read -r -a targets <<<"${TESTS:-tests/kernels tests/compiler tests/hf/test_gpu.py}"
   python3 -m pytest -p no:cacheprovider --import-mode=importlib -q -x --timeout=900 \
@@ -57,8 +66,6 @@ if [[ $mode == tests || $mode == all ]]; then
   status=${PIPESTATUS[0]}
 fi
 if [[ $mode == bench || $mode == all ]]; then
-  tok=()
-  [ -d "$OLDPWD/$wheels/minilm-sentiment-fp16" ] && tok=(--tokenizer "$OLDPWD/$wheels/minilm-sentiment-fp16")
   python3 -m optimum_disc.cli benchmark --peers eager_fp32,eager_fp16,disc_fp32,disc_fp16,disc_bf16 \
     --output bench "${tok[@]}" "$@" || status=1
 fi
@@ -84,6 +91,12 @@ fi
 if [[ $mode == gemm ]]; then
   python3 "$OLDPWD/scripts/gemm_bench.py" --output gemm.json "$@" || status=1
 fi
+if [[ $mode == epilogue ]]; then
+  python3 "$OLDPWD/scripts/epilogue_cost.py" --output epilogue.json "$@" || status=1
+fi
+if [[ $mode == timeline ]]; then
+  python3 "$OLDPWD/scripts/kernel_timeline.py" --output timeline "$@" || status=1
+fi
 if [[ $mode == minilm ]]; then
   python3 -m optimum_disc.cli evaluate --model "$minilm_dir" --dataset movie-reviews --split all \
     --precision fp16 --warmup 400 --no-progress --output minilm "$@" || status=1
@@ -99,8 +112,6 @@ if [[ $mode == soak ]]; then
   status=${PIPESTATUS[0]}
 fi
 if [[ $mode == full ]]; then
-  tok=()
-  [ -d "$OLDPWD/$wheels/minilm-sentiment-fp16" ] && tok=(--tokenizer "$OLDPWD/$wheels/minilm-sentiment-fp16")
   python3 -m optimum_disc.cli benchmark --output bench-full "${tok[@]}" "$@" || status=1
 fi
 exit $status

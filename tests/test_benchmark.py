@@ -459,6 +459,9 @@ def test_floor_of_a_shape():
     assert benchmark.floor_ms(model, (3, 8), "fp32")["weight_mb"] == pytest.approx(
         2 * f["weight_mb"]
     )
+    # A data-set pass: real tokens only, attention over each text's own length (5 and 3).
+    g = benchmark.work_floor_ms(model, 8, 5 * 5 + 3 * 3, "fp16")
+    assert g["tflop"] == pytest.approx((2 * dense * 8 + 4 * 34 * 16 * 2) / 1e12)
 
 
 def test_profile_table_in_the_markdown(tmp_path):
@@ -490,5 +493,13 @@ def test_profile_table_in_the_markdown(tmp_path):
     assert f"| disc_fp32 | 2x8 | {median} | 0.035 | 0.040 (10) | – | – | 0.040 (10) |" in table
     assert "| 0.060 | 0.002 |" in table
     assert "96x32 m16: triton 16x32x32 split2" in table
+    # A profiled data-set pass is one more row, its time per pass in the call column.
+    results["results"]["disc_fp32"]["dataset"] = {
+        "ms_per_pass": 12.5,
+        "profile": {**shape["profile"], "busy_ms": 11.0, "host_and_gaps_ms": 1.5},
+    }
+    table = benchmark.markdown_table(results)
+    assert "| disc_fp32 | data-set pass | 12.500 | 11.000 | 0.040 (10) |" in table
+    assert "| 1.500 | 0.002 |" in table
     with pytest.raises(ValueError, match="--profile-iters"):
         benchmark.run_benchmark(benchmark.BenchmarkOptions(profile_iters=0, device="cpu"))

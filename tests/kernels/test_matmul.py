@@ -446,9 +446,9 @@ def test_gpu_heuristics_fit_hopper(dtype, monkeypatch):
                 assert m_bucket(m) <= 256 and k // c.split_k >= c.block_k, f"{c} for M={m} K={k}"
         if m_bucket(m) <= 256 and k >= 2048:
             assert any(c.split_k > 1 for c in cands), f"no split-K candidate for M={m} K={k}"
-        # The persistent TMA kernel: 16-bit inputs and at least 8,192 rows only.
+        # The persistent TMA kernel: 16-bit inputs and at least 512 rows only.
         tma = any(c.backend == "tma" for c in cands)
-        assert tma == (dtype != torch.float32 and m_bucket(m) >= 8192), f"M={m} {dtype}"
+        assert tma == (dtype != torch.float32 and m_bucket(m) >= 512), f"M={m} {dtype}"
         assert not any(c.backend == "tma" for c in candidate_configs(m, n, k, dtype, tma=False))
         if m >= 4096 and n >= 768 and dtype != torch.float32:
             assert default.block_m == 128 and default.block_n == 128, f"{default} for M={m}"
