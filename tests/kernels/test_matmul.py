@@ -83,6 +83,26 @@ def test_linear_epilogue(activation, has_bias, has_residual, dtype, device, seed
     _check(y, ref, seed, f"activation={activation} bias={has_bias} residual={has_residual} {dtype}")
 
 
+def test_gelu_epilogue_matches_float64_over_a_wide_range(device, seed):
+    """The exact GELU of the epilogue (erfc from a fitted polynomial, not libdevice's erf) is as
+    accurate as fp32 allows over [-12, 12]: x @ I puts fresh random values straight into it,
+    checked against GELU computed in float64."""
+    m, k = 33, 64
+    x = (torch.rand(m, k, device=device) * 24 - 12).float()
+    x[0, :] = torch.linspace(-12, 12, k)  # the polynomial's clamp at |x| = 4 sqrt(2) included
+    eye = torch.eye(k, device=device)
+    y = linear(x, eye, None, activation="gelu").double()
+    x64 = x.double()
+    exact = 0.5 * x64 * torch.erfc(-x64 / math.sqrt(2))
+    err = (y - exact).abs()
+    # 4e-7 absolute (fp32 rounds 1 - erfc/2 to 6e-8 steps, times |x| <= 12), and 1e-5 relative
+    # for outputs past 1e-3, where the tail of Phi must keep its relative accuracy.
+    assert err.max().item() <= 5e-7, f"seed={seed}: max |error| {err.max().item():.2e}"
+    big = exact.abs() > 1e-3
+    rel = (err[big] / exact[big].abs()).max().item()
+    assert rel <= 1e-5, f"seed={seed}: max relative error {rel:.2e}"
+
+
 @pytest.mark.parametrize(
     "x_dtype, bias_dtype, residual_dtype, out_dtype",
     [
