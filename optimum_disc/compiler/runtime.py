@@ -395,19 +395,41 @@ class CompiledModel:
                 return values[ref[2:]]
             return env[ref]
 
-        for call in self.program.calls:
+        for call, dead in zip(self.program.calls, self._dead_after):
             buf = self.program.buffers[call.output]
             if call.kernel == "torch":
                 env[call.output] = self._run_torch(call, buf, get, b_pad, s_pad, rows)
-                continue
-            lead = rows if buf.layout == "tokens" else b_pad
-            # A buffer of one value per row (shape []) runs as one column.
-            shape = buf.shape or [1]
-            out = torch.empty(lead, *shape, dtype=buf.torch_dtype, device=self.device)
-            args = {k: get(v) for k, v in call.inputs.items()}
-            result = _LAUNCH[call.kernel](self, args, call.attrs, out, s_pad)
-            env[call.output] = result.view(lead, *buf.shape)
+            else:
+                lead = rows if buf.layout == "tokens" else b_pad
+                # A buffer of one value per row (shape []) runs as one column.
+                shape = buf.shape or [1]
+                out = torch.empty(lead, *shape, dtype=buf.torch_dtype, device=self.device)
+                args = {k: get(v) for k, v in call.inputs.items()}
+                result = _LAUNCH[call.kernel](self, args, call.attrs, out, s_pad)
+                env[call.output] = result.view(lead, *buf.shape)
+            for name in dead:
+                del env[name]
         return {field: env[buf] for field, buf in self.program.outputs.items()}
+
+    @functools.cached_property
+    def _dead_after(self) -> list[tuple[str, ...]]:
+        """Per kernel call, the buffers that no later call reads and that are no output: freed
+        right after it, so that the allocator (a CUDA graph's pool during a capture) gives their
+        memory to later buffers of the same call instead of keeping every intermediate alive.
+        Kernels run in stream order (a PDL kernel writes only after the kernel before it has
+        finished), so a later kernel never writes memory that an earlier one still reads."""
+        last = {}
+        for i, call in enumerate(self.program.calls):
+            last[call.output] = i
+            for ref in call.inputs.values():
+                if ref is not None and ":" not in ref:
+                    last[ref] = i
+        outputs = set(self.program.outputs.values())
+        dead: list[list[str]] = [[] for _ in self.program.calls]
+        for name, i in last.items():
+            if name not in outputs:
+                dead[i].append(name)
+        return [tuple(d) for d in dead]
 
     def _run_torch(self, call, buf, get, b_pad, s_pad, rows):
         """One ``torch`` call: row buffers in as padded ``[B, S, ...]`` views, and a result of
