@@ -5,7 +5,8 @@
 disc fp16 (``bert-base-multilingual-uncased`` configuration, random weights) at 8 x 128,
 32 x 128 and 128 x 128 and over the movie-review pass, one process, GEMMs tuned afresh for
 each variant: without the TMA kernel; with it as a candidate at every row count (PDL "start",
-"end" or "off", see ``matmul.TMA_PDL``); and with it from 8,192 rows only (the shipped rule).
+"end" or "off", see ``matmul.TMA_PDL``); and with it from 8,192 rows only (the rule until the
+tuner timed candidates with their epilogue; it is 512 rows now).
 Prints one markdown table of milliseconds.
 """
 
