@@ -174,9 +174,10 @@ def _gelu(x):
     # erfc; past t = 4, erfc < 2e-8 is no longer seen next to 1). About 20 instructions per
     # element where erf from libdevice took about 32 (sm_90 SASS), and a GEMM's epilogue runs on
     # the same warps as its products: at BERT-base's 16,384 x 3072 FFN up projection the exact
-    # GELU with libdevice's erf cost as much as a third of the kernel. Error over |x| <= 12, against float64: at most 4e-7
-    # absolute and 4e-6 relative for |GELU(x)| > 1e-3; torch's own fp32 gelu, which computes
-    # 1 + erf and so cancels for negative x, is off by up to 1.3e-6 and 1e-3 there.
+    # GELU with libdevice's erf cost as much as a third of the kernel. Error over |x| <= 12,
+    # against float64: at most 4e-7 absolute and 4e-6 relative for |GELU(x)| > 1e-3; torch's own
+    # fp32 gelu, which computes 1 + erf and so cancels for negative x, is off by up to 1.3e-6
+    # and 1e-3 there.
     s = tl.minimum(tl.abs(x) * 0.17677669529663687, 1.0)
     q = 3.0426095 * s - 10.025782
     q = q * s + 13.898496

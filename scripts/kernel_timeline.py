@@ -63,13 +63,12 @@ def _timeline(fn, n: int) -> list[dict]:
 
 
 def _alone(tuning: dict, rows: int) -> list[dict]:
-    """Each GEMM of ``tuning`` (a compiled model's table) at ``rows``' bucket, timed alone in a
-    CUDA graph over weights that do not fit in L2, as the tuner times it (the Triton kernels
-    without their epilogue) and with the model's epilogue (activation, residual add): if the
-    model runs a GEMM slower than this, its neighbours or the epilogue are why."""
+    """Each GEMM of ``tuning`` (a compiled model's table) at ``rows``' bucket, timed alone as
+    the tuner times it (`matmul.time_candidates`), without and with the model's epilogue
+    (activation, residual add): if the model runs a GEMM slower than this, its neighbours are
+    why."""
     from optimum_disc.kernels import matmul
 
-    device = torch.device("cuda")
     found = []
     for key, cfg in sorted(tuning.items()):
         nk, dtype_name, epilogue, bucket = key.split("|", 1)[-1].split(":")
@@ -79,22 +78,10 @@ def _alone(tuning: dict, rows: int) -> list[dict]:
         activation = epilogue.split("+")[0]
         activation = None if activation == "none" else activation
         residual = epilogue.endswith("+residual")
-        dtype = getattr(torch, dtype_name)
-        config = matmul.GemmConfig.from_dict(cfg)
-        x = torch.randn((rows, k), device=device).to(dtype)
-        res = torch.randn((rows, n), device=device).to(dtype) if residual else None
-        y = torch.empty((rows, n), device=device, dtype=dtype)
-        bias = torch.randn(n, device=device)
-        copies = max(1, min(64, (100 << 20) // (n * k * x.element_size())))
-        weights = [(torch.randn((n, k), device=device) / k**0.5).to(dtype) for _ in range(copies)]
-
-        def run(act, r, config=config, x=x, y=y, bias=bias, weights=weights):
-            for w in weights:
-                matmul.linear(x, w, bias, activation=act, residual=r, out=y, config=config)
-
-        bare = matmul._time_in_graph(lambda run=run: run(None, None), device) / copies
-        full = (
-            matmul._time_in_graph(lambda run=run, a=activation, r=res: run(a, r), device) / copies
+        dtype, config = getattr(torch, dtype_name), [matmul.GemmConfig.from_dict(cfg)]
+        ((_, bare),) = matmul.time_candidates(rows, n, k, dtype, "cuda", None, False, config)
+        ((_, full),) = matmul.time_candidates(
+            rows, n, k, dtype, "cuda", activation, residual, config
         )
         found.append(
             {"gemm": f"{nk} {epilogue}", "config": cfg, "bare_us": bare * 1e3, "us": full * 1e3}
