@@ -18,7 +18,10 @@ as a persistent kernel whose tiles are loaded and stored through TMA descriptors
 
 from __future__ import annotations
 
+import contextvars
 import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields, replace
 
 import torch
@@ -28,6 +31,11 @@ import triton.language as tl
 
 from . import interpreted
 from . import launch as _pdl
+
+try:  # Triton >= 3.4: compilation on a thread pool (kernels launched with warmup=True)
+    from triton.runtime._async_compile import AsyncCompileMode
+except ImportError:  # pragma: no cover - older Triton: the tuner compiles one kernel at a time
+    AsyncCompileMode = None
 
 try:  # Triton >= 3.4: tensor-memory-accelerator (TMA) descriptors made on the host
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -572,6 +580,60 @@ def _validate(x, weight, bias, activation, residual, out):
     return m, n, k
 
 
+# While set, `linear` compiles its kernel (on the thread pool of `compile_candidates`) instead
+# of launching it.
+_COMPILE_ONLY = contextvars.ContextVar("optimum_disc_compile_only", default=False)
+
+
+def _launcher(kernel, grid):
+    if _COMPILE_ONLY.get():
+        return functools.partial(kernel.warmup, grid=grid)
+    return kernel[grid]
+
+
+def compile_threads() -> int:
+    """Threads that compile the tuner's candidates side by side: ``OPTIMUM_DISC_COMPILE_THREADS``,
+    else one per CPU core, at most 16 (1 compiles one kernel at a time)."""
+    value = os.environ.get("OPTIMUM_DISC_COMPILE_THREADS")
+    if value is None:
+        return max(1, min(16, os.cpu_count() or 1))
+    try:
+        threads = int(value)
+    except ValueError:
+        threads = -1
+    if threads < 1:
+        raise ValueError(
+            f"OPTIMUM_DISC_COMPILE_THREADS={value!r}: use a whole number of threads, at least 1"
+        )
+    return threads
+
+
+def compile_candidates(run, candidates: list[GemmConfig], threads: int | None = None) -> None:
+    """Compile the kernels of ``candidates`` side by side before they are timed.
+
+    ``run(config)`` is one `linear` call with the shapes and epilogue being tuned; here it only
+    compiles (Triton's warm-up on a thread pool, whose compilers spend most of their time outside
+    the interpreter lock). A candidate that fails to compile is left for its timed launch, which
+    raises the same error. cuBLAS candidates have nothing to compile. Without Triton's
+    asynchronous compilation, or with one thread, the timed launches compile one at a time.
+    """
+    threads = compile_threads() if threads is None else threads
+    todo = [cfg for cfg in candidates if cfg.backend != "cublas"]
+    if AsyncCompileMode is None or threads < 2 or len(todo) < 2 or interpreted():
+        return
+    pool = ThreadPoolExecutor(min(threads, len(todo)))
+    with pool, AsyncCompileMode(pool, ignore_errors=True):
+        token = _COMPILE_ONLY.set(True)
+        try:
+            for cfg in todo:
+                try:
+                    run(cfg)
+                except Exception:  # noqa: BLE001 - the timed launch reports it
+                    continue
+        finally:
+            _COMPILE_ONLY.reset(token)
+
+
 def linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -631,7 +693,7 @@ def linear(
     if pdl["PDL"] and m_bucket(m) <= _PREFETCH_MAX_M:
         step = 128 // x.element_size()
         pdl.update(PREFETCH=True, PF_STEP=step, PF_LINES=max(config.block_k // step, 1))
-    _linear_kernel[grid](
+    _launcher(_linear_kernel, grid)(
         x,
         weight,
         bias if bias is not None else x,  # never read: HAS_BIAS is False
@@ -727,7 +789,7 @@ def _linear_tma(x, weight, bias, activation, residual, out, config, tiles, upcas
         TMA_STORE and out.element_size() == 2 and _tma_aligned(out) and staged <= _SMEM_HARDWARE
     )
     y_desc = TensorDescriptor(out, [m, n], [out.stride(0), 1], [bm, bn]) if tma_store else None
-    _linear_tma_kernel[(min(tiles, programs),)](
+    _launcher(_linear_tma_kernel, (min(tiles, programs),))(
         x_desc,
         w_desc,
         y_desc if tma_store else x_desc,  # never used: TMA_STORE is False
@@ -1147,6 +1209,12 @@ def time_candidates(
     timed = []
     if candidates is None:
         candidates = tuning_candidates(m, n, k, dtype, device)
+    compile_candidates(
+        lambda cfg: linear(
+            x, weights[0], bias, activation=activation, residual=res, out=y, config=cfg
+        ),
+        candidates,
+    )
     for cfg in candidates:
         try:
             ms = _time_in_graph(lambda cfg=cfg: launches(cfg), device) / copies

@@ -7,7 +7,9 @@
 # or else WHEELS/minilm-fp16 (what gpu-wheels.sh --minilm writes), is used for the dataset pass.
 # Prints a short table last.
 #
-#   bash scripts/gpu_check.sh [install|tests|bench|full|archs|profile|host|levers|gemm|epilogue|timeline|minilm|quicktour|soak|all]
+#   bash scripts/gpu_check.sh [install|tests|bench|full|archs|profile|host|levers|gemm|epilogue|
+#                              timeline|tunetime|minilm|
+#                              quicktour|soak|all]
 #                             [options...]
 #
 # install: only install the wheels (into /tmp/optimum-disc-site, put on PYTHONPATH)
@@ -28,6 +30,8 @@
 #        (scripts/epilogue_cost.py; options go to it)
 # timeline: one call kernel by kernel, with and without the TMA GEMM at every row count, and
 #        each GEMM timed alone (scripts/kernel_timeline.py; options go to it)
+# tunetime: seconds the GEMM tuner takes for BERT-base's projections from an empty Triton cache,
+#        candidates compiled one at a time and side by side (scripts/tune_time.py; options go to it)
 # minilm: the embedded MiniLM sentiment model over the movie reviews, compiled fp16 against
 #        transformers fp32, every bucket warmed up before timing
 # quicktour: examples/quicktour.py on the GPU with the embedded model folder
@@ -96,6 +100,12 @@ if [[ $mode == epilogue ]]; then
 fi
 if [[ $mode == timeline ]]; then
   python3 "$OLDPWD/scripts/kernel_timeline.py" --output timeline "$@" || status=1
+fi
+if [[ $mode == tunetime ]]; then
+  for threads in 1 "$(nproc)"; do
+    TRITON_CACHE_DIR=$(mktemp -d) OPTIMUM_DISC_COMPILE_THREADS=$threads \
+      python3 "$OLDPWD/scripts/tune_time.py" --output tune_time.jsonl "$@" || status=1
+  done
 fi
 if [[ $mode == minilm ]]; then
   python3 -m optimum_disc.cli evaluate --model "$minilm_dir" --dataset movie-reviews --split all \

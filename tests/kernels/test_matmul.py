@@ -517,6 +517,41 @@ def test_linear_gpu_bert_shapes(m, n, k, activation, has_residual, dtype, device
     _check(y, ref, seed, f"M={m} N={n} K={k} {activation} {dtype}")
 
 
+def test_compile_threads_reads_the_environment(monkeypatch):
+    monkeypatch.setenv("OPTIMUM_DISC_COMPILE_THREADS", "3")
+    assert matmul.compile_threads() == 3
+    monkeypatch.delenv("OPTIMUM_DISC_COMPILE_THREADS")
+    assert 1 <= matmul.compile_threads() <= 16
+    for bad in ("0", "-2", "many"):
+        monkeypatch.setenv("OPTIMUM_DISC_COMPILE_THREADS", bad)
+        with pytest.raises(ValueError, match=f"OPTIMUM_DISC_COMPILE_THREADS='{bad}'"):
+            matmul.compile_threads()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_candidates_compiled_side_by_side_then_run_right_gpu(dtype, device, seed):
+    """`compile_candidates` compiles without launching (the output stays poisoned), and every
+    candidate it compiled then runs right."""
+    m, n, k = 512, 768, 768
+    x, w, b, r = _inputs(m, n, k, dtype, device, residual=True)
+    ref = linear_reference(x, w, b, activation="gelu", residual=r)
+    cands = [c for c in matmul.tuning_candidates(m, n, k, dtype, device) if c.backend != "cublas"]
+    out = _poisoned(m, n, dtype, device)
+
+    def run(cfg):
+        linear(x, w, b, activation="gelu", residual=r, out=out, config=cfg)
+
+    matmul.compile_candidates(run, cands, threads=4)
+    torch.cuda.synchronize(device)
+    assert torch.isnan(out).all(), "compiling a candidate launched it"
+    for cfg in cands:
+        y = linear(
+            x, w, b, activation="gelu", residual=r, out=_poisoned(m, n, dtype, device), config=cfg
+        )
+        _check(y, ref, seed, f"{cfg} {dtype}")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_tuned_configs_run_gpu(dtype, device, seed):
