@@ -32,13 +32,23 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def _bucket(n: int, floor: int) -> int:
-    """Round up to one of four steps per power of two (at most 25% padding), at least floor."""
+def _bucket(n: int, floor: int, steps: int = 4) -> int:
+    """Round up to one of ``steps`` steps per power of two (at most 1/steps padding), at least
+    floor."""
     if n <= floor:
         return floor
     p = 1 << (n - 1).bit_length() - 1
-    step = max(p // 4, 1)
+    step = max(p // steps, 1)
     return _round_up(n, step)
+
+
+def _row_bucket(real_tokens: int) -> int:
+    """The rows a call with padding removed computes: its real tokens rounded up to one of eight
+    steps per power of two, at least 64. Every GEMM, LayerNorm and activation runs over these
+    rows, so the steps are finer than the batch's and the length's (four per power of two): on
+    the movie-review pass, 3.8% of the rows computed are bucket padding instead of 7.1%, for 18
+    CUDA graphs instead of 13."""
+    return _bucket(real_tokens, 64, steps=8)
 
 
 class _Kernels:
@@ -285,7 +295,7 @@ class CompiledModel:
             and bool(first_valid)
             and not self.program.meta.get("keeps_padding")
         )
-        rows = _bucket(real_tokens, 64) if (remove and graphs) else real_tokens
+        rows = _row_bucket(real_tokens) if (remove and graphs) else real_tokens
         rows = min(rows, b_pad * s_pad) if remove else b_pad * s_pad
         key = (remove, b_pad, s_pad, rows)
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from optimum_disc import DiscSettings, optimize
-from optimum_disc.compiler.runtime import _bucket
+from optimum_disc.compiler.runtime import _bucket, _row_bucket
 
 from .helpers import MAX_POSITIONS, PADDINGS, compare, eager, random_inputs
 from .test_shapes import bucket_key
@@ -49,23 +49,32 @@ def test_outputs_are_fresh_tensors(fixture, request, seed):
     compare(again, eager(tiny.eager, first), first["attention_mask"], remove, fixture)
 
 
-def test_bucket_function_bounds_padding_and_buckets():
-    """At least n and the floor, at most 25% padding, monotone, idempotent, and at most four
-    buckets per power of two: a bounded number of CUDA graphs covers every shape."""
-    for floor in (1, 16, 64):
-        previous = 0
-        for n in range(1, 20_000):
-            b = _bucket(n, floor)
-            assert b >= n and b >= floor, (n, floor, b)
-            if n > floor:
-                assert (b - n) * 4 < n, f"{n} -> {b}: more than 25% padding"
-            assert b >= previous, f"not monotone at {n}"
-            assert _bucket(b, floor) == b, f"{b} is not its own bucket"
-            previous = b
-        for octave in range(4, 14):
-            low, high = 1 << octave, 1 << (octave + 1)
-            values = {_bucket(n, floor) for n in range(low + 1, high + 1)}
-            assert len(values) <= 4, (octave, sorted(values))
+@pytest.mark.parametrize(
+    "bucket, floor, steps",
+    [
+        (lambda n: _bucket(n, 1), 1, 4),
+        (lambda n: _bucket(n, 16), 16, 4),
+        (lambda n: _bucket(n, 64), 64, 4),
+        (_row_bucket, 64, 8),
+    ],
+    ids=["batch", "length", "floor-64", "rows"],
+)
+def test_bucket_function_bounds_padding_and_buckets(bucket, floor, steps):
+    """At least n and the floor, at most 1/steps padding, monotone, idempotent, and at most
+    ``steps`` buckets per power of two: a bounded number of CUDA graphs covers every shape."""
+    previous = 0
+    for n in range(1, 20_000):
+        b = bucket(n)
+        assert b >= n and b >= floor, (n, floor, b)
+        if n > floor:
+            assert (b - n) * steps < n, f"{n} -> {b}: more than 1/{steps} padding"
+        assert b >= previous, f"not monotone at {n}"
+        assert bucket(b) == b, f"{b} is not its own bucket"
+        previous = b
+    for octave in range(4, 14):
+        low, high = 1 << octave, 1 << (octave + 1)
+        values = {bucket(n) for n in range(low + 1, high + 1)}
+        assert len(values) <= steps, (octave, sorted(values))
 
 
 def test_the_keys_of_the_tiny_config_are_few(base):

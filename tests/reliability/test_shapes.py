@@ -14,7 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from optimum_disc.compiler.runtime import _bucket
+from optimum_disc.compiler.runtime import _bucket, _row_bucket
 
 from .helpers import MAX_POSITIONS, PADDINGS, compare, eager, random_inputs
 
@@ -74,7 +74,7 @@ def bucket_key(compiled, batch: int, seq: int, real_tokens: int, first_valid: bo
     remove = compiled.settings.remove_padding and first_valid
     b_pad = _bucket(batch, 1)
     s_pad = min(_bucket(seq, 16), compiled.program.meta["max_position_embeddings"])
-    rows = min(_bucket(real_tokens, 64), b_pad * s_pad) if remove else b_pad * s_pad
+    rows = min(_row_bucket(real_tokens), b_pad * s_pad) if remove else b_pad * s_pad
     return (remove, b_pad, s_pad, rows)
 
 
