@@ -106,6 +106,11 @@ HEADS = {
 }
 # Architectures whose positions count the tokens that are not padding.
 PADDED_POSITIONS = ("roberta", "xlm-roberta", "camembert", "mpnet")
+# Architectures whose padding tokens, as queries, attend to every position of the input alike
+# (DeBERTa-v2 masks their scores with the dtype's minimum, so their softmax is uniform): with
+# padding kept, their outputs depend on how long the padded input is, and on a GPU the runtime
+# pads each call further, to its shape bucket (7 -> 16 positions). Real tokens are unaffected.
+QUERY_MASKED = ("deberta-v2",)
 
 
 def _model(arch: str, head: str, device, **overrides) -> nn.Module:
@@ -149,9 +154,10 @@ def _compare(arch, out, ref, mask, remove_padding, rtol, seed):
             pad = mask == 0
             if remove_padding:
                 assert torch.all(got[pad] == 0), f"{field}: padding positions must be zeros"
-            if remove_padding or arch in PADDED_POSITIONS:
+            if remove_padding or arch in PADDED_POSITIONS or arch in QUERY_MASKED:
                 # With padding kept, RoBERTa-style models give padding tokens position
-                # padding_idx and the program s + padding_idx + 1: only real tokens compare.
+                # padding_idx and the program s + padding_idx + 1, and DeBERTa's padding tokens
+                # attend to every position of the shape bucket: only real tokens compare.
                 got, want = got[~pad], want[~pad]
         scale = want.abs().max().clamp(min=1.0)
         err = (got - want).abs().max() / scale
@@ -196,6 +202,32 @@ def test_fp32_matches_eager(arch, head, remove_padding, device, seed):
             ref = model(**inputs)
         out = compiled(**inputs)
         _compare(arch, out, ref, inputs["attention_mask"], remove_padding, FP32_RTOL, seed)
+
+
+def test_deberta_v2_real_tokens_do_not_depend_on_the_shape_bucket(seed):
+    """On a GPU a call runs padded further, to its shape bucket (length 7 -> 16): DeBERTa's
+    padding tokens then attend to more positions than in eager and their outputs change; its
+    real tokens must not. The same input padded to the bucket by hand shows it on the CPU."""
+    from optimum_disc.compiler.runtime import _bucket
+
+    model = _model("deberta-v2", "token-cls", "cpu")
+    compiled = optimize(model, DiscSettings(precision="fp32", remove_padding=False))
+    inputs = _inputs(model, 3, 7, "cpu", "right")
+    with torch.no_grad():
+        ref = model(**inputs)
+    extra = _bucket(7, 16) - 7
+    padded = {
+        name: torch.nn.functional.pad(t, (0, extra), value=model.config.pad_token_id or 0)
+        for name, t in inputs.items()
+    }
+    padded["attention_mask"][:, 7:] = 0
+    out = compiled(**padded)
+    cut = {field: out[field][:, :7] for field in ref}
+    _compare("deberta-v2", cut, ref, inputs["attention_mask"], False, FP32_RTOL, seed)
+    pad = inputs["attention_mask"] == 0
+    assert pad.any(), "the inputs have no padding to compare"
+    moved = (cut["logits"][pad] - ref["logits"][pad]).abs().max() / ref["logits"].abs().max()
+    assert moved > 1e-5, f"padding outputs did not change ({moved:.3g}): the test is moot"
 
 
 @pytest.mark.parametrize(
