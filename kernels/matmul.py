@@ -34,6 +34,7 @@ from . import launch as _pdl
 
 try:  # Triton >= 3.4: compilation on a thread pool (kernels launched with warmup=True)
     from triton.runtime._async_compile import AsyncCompileMode
+    from triton.runtime._async_compile import active_mode as _active_compile_mode
 except ImportError:  # pragma: no cover - older Triton: the tuner compiles one kernel at a time
     AsyncCompileMode = None
 
@@ -633,6 +634,8 @@ def compile_candidates(run, candidates: list[GemmConfig], threads: int | None = 
     todo = [cfg for cfg in candidates if cfg.backend != "cublas"]
     if AsyncCompileMode is None or threads < 2 or len(todo) < 2 or interpreted():
         return
+    if _active_compile_mode.get() is not None:
+        return  # the caller compiles asynchronously already; modes do not nest
     pool = ThreadPoolExecutor(min(threads, len(todo)))
     with pool, AsyncCompileMode(pool, ignore_errors=True):
         token = _COMPILE_ONLY.set(True)
