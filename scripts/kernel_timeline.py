@@ -176,14 +176,14 @@ def main(argv=None) -> int:
             "| family | " + f"{a} us | {b} us | {a} gaps us | {b} gaps us |",
             "|---|---:|---:|---:|---:|",
         ]
+        # Each variant's kernels summed by their own family (the two may launch different
+        # kernels, e.g. cuBLAS and its epilogue for one GEMM against one Triton launch).
         fam: dict = {}
-        for ra, rb in zip(ka, kb):
-            f = kernel_family(ra["name"])
-            t = fam.setdefault(f, [0.0, 0.0, 0.0, 0.0])
-            t[0] += ra["us"]
-            t[1] += rb["us"]
-            t[2] += ra["gap_us"]
-            t[3] += rb["gap_us"]
+        for side, kernels in enumerate((ka, kb)):
+            for r in kernels:
+                t = fam.setdefault(kernel_family(r["name"]), [0.0, 0.0, 0.0, 0.0])
+                t[side] += r["us"]
+                t[2 + side] += r["gap_us"]
         for f, t in sorted(fam.items(), key=lambda kv: -kv[1][0]):
             lines.append(f"| {f} | " + " | ".join(f"{v:.1f}" for v in t) + " |")
         if len(ka) != len(kb):
