@@ -204,15 +204,15 @@ def test_fp32_matches_eager(arch, head, remove_padding, device, seed):
         _compare(arch, out, ref, inputs["attention_mask"], remove_padding, FP32_RTOL, seed)
 
 
-def test_deberta_v2_real_tokens_do_not_depend_on_the_shape_bucket(seed):
+def test_deberta_v2_real_tokens_do_not_depend_on_the_shape_bucket(device, seed):
     """On a GPU a call runs padded further, to its shape bucket (length 7 -> 16): DeBERTa's
     padding tokens then attend to more positions than in eager and their outputs change; its
-    real tokens must not. The same input padded to the bucket by hand shows it on the CPU."""
+    real tokens must not. The same input padded to the bucket by hand shows it on the CPU too."""
     from optimum_disc.compiler.runtime import _bucket
 
-    model = _model("deberta-v2", "token-cls", "cpu")
+    model = _model("deberta-v2", "token-cls", device)
     compiled = optimize(model, DiscSettings(precision="fp32", remove_padding=False))
-    inputs = _inputs(model, 3, 7, "cpu", "right")
+    inputs = _inputs(model, 3, 7, device, "right")
     with torch.no_grad():
         ref = model(**inputs)
     extra = _bucket(7, 16) - 7
