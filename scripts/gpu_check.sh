@@ -14,7 +14,8 @@
 #
 # install: only install the wheels (into /tmp/optimum-disc-site, put on PYTHONPATH)
 # tests: pytest on the GPU (kernels, compiler, Hugging Face integration); TESTS overrides which,
-#        options go to pytest (e.g. -k split_k)
+#        options go to pytest (e.g. -k split_k); the whole output is kept in OUT/pytest.log, so a
+#        run cut short by a time limit still shows how far it got
 # bench: our three precisions against eager PyTorch, every shape, and the dataset pass
 # full:  every peer, torch.compile included (slow: each peer compiles each shape)
 # archs: roberta-base, distilbert, deberta-v3-base and ModernBERT-base configurations beside
@@ -66,7 +67,7 @@ done
 if [[ $mode == tests || $mode == all ]]; then
   read -r -a targets <<<"${TESTS:-tests/kernels tests/compiler tests/hf/test_gpu.py}"
   python3 -m pytest -p no:cacheprovider --import-mode=importlib -q -x --timeout=900 \
-    --rootdir "$OLDPWD" "${targets[@]/#/$OLDPWD/}" "$@" 2>&1 | tail -n 25
+    --rootdir "$OLDPWD" "${targets[@]/#/$OLDPWD/}" "$@" 2>&1 | tee pytest.log | tail -n 25
   status=${PIPESTATUS[0]}
 fi
 if [[ $mode == bench || $mode == all ]]; then
@@ -118,7 +119,7 @@ fi
 if [[ $mode == soak ]]; then
   OPTIMUM_DISC_SOAK_SECONDS=${OPTIMUM_DISC_SOAK_SECONDS:-600} python3 -m pytest -p no:cacheprovider \
     --import-mode=importlib -q --timeout=1800 --rootdir "$OLDPWD" -m gpu \
-    "$OLDPWD/tests/reliability/test_soak.py" -k "${SOAK_K:-True}" "$@" 2>&1 | tail -n 25
+    "$OLDPWD/tests/reliability/test_soak.py" -k "${SOAK_K:-True}" "$@" 2>&1 | tee pytest-soak.log | tail -n 25
   status=${PIPESTATUS[0]}
 fi
 if [[ $mode == full ]]; then
