@@ -85,8 +85,8 @@ _SM_COUNT = 132
 # L2 while the previous kernel finishes; beyond it each weight tile is reused by many row tiles.
 _PREFETCH_MAX_M = 256
 # Whether the fp32 kernel launches with PDL (16-bit kernels do where PDL is on). Measured on an
-# H200, BERT-base fp32 at 2 x 16: with PDL the call took 2.36 ms, without 1.41 ms
-# (docs/performance.md).
+# H200, BERT-base fp32 at 2 x 16 with the same GEMM configs: 1.91 ms per call with PDL, 1.36 ms
+# without (the weight prefetch made no difference; docs/performance.md).
 FP32_PDL = False
 # Whether a PDL launch of few rows prefetches its slice of the weight into L2 before it waits.
 PREFETCH_WEIGHTS = True
