@@ -15,13 +15,7 @@ import sys
 import time
 
 import torch
-
-PROJECTIONS = (
-    ("qkv", 2304, 768, None, False),
-    ("attn out", 768, 768, None, True),
-    ("ffn up", 3072, 768, "gelu", False),
-    ("ffn down", 768, 3072, None, True),
-)
+from gemm_bench import PROJECTIONS  # BERT-base's four projections (scripts/ is on sys.path)
 
 
 def main(argv=None) -> int:
