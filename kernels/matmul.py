@@ -229,6 +229,29 @@ def _bias_activation(acc, offs_n, N, b_ptr, HAS_BIAS: tl.constexpr, ACTIVATION: 
 
 
 @triton.jit
+def _finish(
+    acc,
+    offs_m,
+    offs_n,
+    M,
+    N,
+    b_ptr,
+    r_ptr,
+    stride_rm,
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+):
+    # The epilogue's arithmetic, before the store (per thread in `_epilogue`, or by TMA).
+    acc = _bias_activation(acc, offs_n, N, b_ptr, HAS_BIAS, ACTIVATION)
+    if HAS_RESIDUAL:
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        r_ptrs = r_ptr + offs_m.to(tl.int64)[:, None] * stride_rm + offs_n[None, :]
+        acc += tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
+    return acc
+
+
+@triton.jit
 def _epilogue(
     acc,
     offs_m,
@@ -245,13 +268,11 @@ def _epilogue(
     ACTIVATION: tl.constexpr,
 ):
     # Bias, activation and residual on the fp32 accumulator, then one cast and one store.
-    acc = _bias_activation(acc, offs_n, N, b_ptr, HAS_BIAS, ACTIVATION)
+    acc = _finish(
+        acc, offs_m, offs_n, M, N, b_ptr, r_ptr, stride_rm, HAS_BIAS, HAS_RESIDUAL, ACTIVATION
+    )
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    offs_m64 = offs_m.to(tl.int64)
-    if HAS_RESIDUAL:
-        r_ptrs = r_ptr + offs_m64[:, None] * stride_rm + offs_n[None, :]
-        acc += tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
-    y_ptrs = y_ptr + offs_m64[:, None] * stride_ym + offs_n[None, :]
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -513,11 +534,19 @@ def _linear_tma_kernel(
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         if TMA_STORE:
-            acc = _bias_activation(acc, offs_n, N, b_ptr, HAS_BIAS, ACTIVATION)
-            if HAS_RESIDUAL:
-                mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-                r_ptrs = r_ptr + offs_m.to(tl.int64)[:, None] * stride_rm + offs_n[None, :]
-                acc += tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
+            acc = _finish(
+                acc,
+                offs_m,
+                offs_n,
+                M,
+                N,
+                b_ptr,
+                r_ptr,
+                stride_rm,
+                HAS_BIAS,
+                HAS_RESIDUAL,
+                ACTIVATION,
+            )
             y_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(y_desc.dtype))
         else:
             _epilogue(
