@@ -15,7 +15,9 @@
 # install: only install the wheels (into /tmp/optimum-disc-site, put on PYTHONPATH)
 # tests: pytest on the GPU (kernels, compiler, Hugging Face integration); TESTS overrides which,
 #        options go to pytest (e.g. -k split_k); the whole output is kept in OUT/pytest.log, so a
-#        run cut short by a time limit still shows how far it got
+#        run cut short by a time limit still shows how far it got; in TEST_WORKERS processes
+#        (default 8) where pytest-xdist is installed (`pip download --no-deps -d .whl
+#        pytest-xdist execnet`), else in one
 # bench: our three precisions against eager PyTorch, every shape, and the dataset pass
 # full:  every peer, torch.compile included (slow: each peer compiles each shape)
 # archs: roberta-base, distilbert, deberta-v3-base and ModernBERT-base configurations beside
@@ -66,8 +68,15 @@ for d in minilm-sentiment-fp16 minilm-fp16; do
 done
 if [[ $mode == tests || $mode == all ]]; then
   read -r -a targets <<<"${TESTS:-tests/kernels tests/compiler tests/hf/test_gpu.py}"
-  python3 -m pytest -p no:cacheprovider --import-mode=importlib -q -x --timeout=900 \
-    --rootdir "$OLDPWD" "${targets[@]/#/$OLDPWD/}" "$@" 2>&1 | tee pytest.log | tail -n 25
+  # Most of a GPU test's time is Triton compiling on the CPU: with pytest-xdist (a wheel in
+  # WHEELS), TEST_WORKERS processes (default 8) share the GPU, one test file each at a time.
+  parallel=()
+  if python3 -c "import xdist" 2>/dev/null && [[ ${TEST_WORKERS:-8} -gt 1 ]]; then
+    parallel=(-n "${TEST_WORKERS:-8}" --dist loadfile)
+  fi
+  python3 -m pytest -p no:cacheprovider --import-mode=importlib -q --maxfail=10 --timeout=900 \
+    "${parallel[@]}" --rootdir "$OLDPWD" "${targets[@]/#/$OLDPWD/}" "$@" 2>&1 |
+    tee pytest.log | tail -n 25
   status=${PIPESTATUS[0]}
 fi
 if [[ $mode == bench || $mode == all ]]; then
