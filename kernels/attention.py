@@ -338,7 +338,7 @@ def attention(
             f"{block_m} rows, more than the grid allows ({_MAX_GRID_Y}); split the "
             "sequences."
         )
-    _attention_kernel[grid](
+    _pdl.launcher(_attention_kernel, grid)(
         q,
         k,
         v,

@@ -263,7 +263,7 @@ def embed_layernorm(
     has_tt = token_type is not None
     has_tt_ids = has_tt and token_type_ids is not None
     tt_ids = token_type_ids if has_tt_ids else input_ids
-    _embed_layernorm_kernel[(R,)](
+    _pdl.launcher(_embed_layernorm_kernel, (R,))(
         input_ids,
         rows if rows is not None else input_ids,
         tt_ids,

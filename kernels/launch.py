@@ -16,6 +16,8 @@ previous kernel.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import os
 
@@ -29,6 +31,35 @@ try:  # Triton >= 3.3
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # pragma: no cover - older Triton: PDL stays off
     gdc_launch_dependents = gdc_wait = None
+
+
+# While set, every kernel of this package compiles (Triton's warm-up) instead of launching:
+# see `compile_only`.
+_COMPILE_ONLY = contextvars.ContextVar("optimum_disc_compile_only", default=False)
+
+
+def launcher(kernel, grid):
+    """``kernel[grid]``, or inside `compile_only` its compilation alone (Triton's warm-up, which
+    an active ``AsyncCompileMode`` runs on its thread pool)."""
+    if _COMPILE_ONLY.get():
+        return functools.partial(kernel.warmup, grid=grid)
+    return kernel[grid]
+
+
+def compiling_only() -> bool:
+    """Whether kernels compile instead of launching here (inside `compile_only`)."""
+    return _COMPILE_ONLY.get()
+
+
+@contextlib.contextmanager
+def compile_only():
+    """Kernels called inside compile and are not launched: their outputs stay as they were.
+    Host-side work of the kernels' wrappers (checks, allocations) still runs."""
+    token = _COMPILE_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _COMPILE_ONLY.reset(token)
 
 
 @functools.cache

@@ -159,7 +159,7 @@ def layer_norm(x, weight, bias, eps: float, *, residual=None, out=None) -> torch
 
     block, num_warps = row_launch_config(N)
     res = residual if residual is not None else x
-    _layer_norm_kernel[(M,)](
+    _pdl.launcher(_layer_norm_kernel, (M,))(
         x,
         res,
         weight,

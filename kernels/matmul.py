@@ -18,7 +18,7 @@ as a persistent kernel whose tiles are loaded and stored through TMA descriptors
 
 from __future__ import annotations
 
-import contextvars
+import contextlib
 import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -291,7 +291,10 @@ def _partial(ws_ptr, s, acc, pid_k, M, N, offs_m, offs_n, mask):
     return tl.where(pid_k == s, acc, p)
 
 
-@triton.jit
+# M is not specialized (Triton would otherwise compile a kernel per M % 16 == 0 or M == 1): the
+# tuner times each candidate at the bucket's row count, and the model runs it at any row count
+# of the bucket, with the same compiled kernel.
+@triton.jit(do_not_specialize=["M"])
 def _linear_kernel(
     x_ptr,
     w_ptr,
@@ -471,7 +474,7 @@ def _tile_of(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _linear_tma_kernel(
     x_desc,
     w_desc,
@@ -622,17 +625,6 @@ def _validate(x, weight, bias, activation, residual, out):
     return m, n, k
 
 
-# While set, `linear` compiles its kernel (on the thread pool of `compile_candidates`) instead
-# of launching it.
-_COMPILE_ONLY = contextvars.ContextVar("optimum_disc_compile_only", default=False)
-
-
-def _launcher(kernel, grid):
-    if _COMPILE_ONLY.get():
-        return functools.partial(kernel.warmup, grid=grid)
-    return kernel[grid]
-
-
 def compile_threads() -> int:
     """Threads that compile the tuner's candidates side by side: ``OPTIMUM_DISC_COMPILE_THREADS``,
     else one per CPU core, at most 16 (1 compiles one kernel at a time)."""
@@ -650,32 +642,74 @@ def compile_threads() -> int:
     return threads
 
 
+@contextlib.contextmanager
+def compile_pool(threads: int | None = None):
+    """Inside, every kernel of this package that is called compiles on a pool of ``threads``
+    threads (default `compile_threads`) instead of launching, and leaving waits for all of them
+    (Triton's asynchronous compilation: its compilers spend most of their time outside the
+    interpreter lock, so kernels compile side by side). A kernel that fails to compile is left
+    for its first launch, which raises the same error.
+
+    Yields False, and compiles nothing ahead (each kernel then compiles at its first launch),
+    where that cannot be done: Triton without asynchronous compilation, one thread, the CPU
+    interpreter, or inside another pool (pools do not nest).
+    """
+    threads = compile_threads() if threads is None else threads
+    if (
+        AsyncCompileMode is None
+        or threads < 2
+        or interpreted()
+        or _active_compile_mode.get() is not None
+    ):
+        yield False
+        return
+    pool = ThreadPoolExecutor(threads)
+    with pool, AsyncCompileMode(pool, ignore_errors=True), _pdl.compile_only():
+        yield True
+
+
 def compile_candidates(run, candidates: list[GemmConfig], threads: int | None = None) -> None:
     """Compile the kernels of ``candidates`` side by side before they are timed.
 
-    ``run(config)`` is one `linear` call with the shapes and epilogue being tuned; here it only
-    compiles (Triton's warm-up on a thread pool, whose compilers spend most of their time outside
-    the interpreter lock). A candidate that fails to compile is left for its timed launch, which
-    raises the same error. cuBLAS candidates have nothing to compile. Without Triton's
-    asynchronous compilation, or with one thread, the timed launches compile one at a time.
+    ``run(config)`` is one `linear` call with the shapes and epilogue being tuned; inside
+    `compile_pool` it only compiles. cuBLAS candidates have nothing to compile. Where
+    `compile_pool` cannot compile ahead, the timed launches compile one at a time.
     """
     threads = compile_threads() if threads is None else threads
     todo = [cfg for cfg in candidates if cfg.backend != "cublas"]
-    if AsyncCompileMode is None or threads < 2 or len(todo) < 2 or interpreted():
+    if len(todo) < 2:
         return
-    if _active_compile_mode.get() is not None:
-        return  # the caller compiles asynchronously already; modes do not nest
-    pool = ThreadPoolExecutor(min(threads, len(todo)))
-    with pool, AsyncCompileMode(pool, ignore_errors=True):
-        token = _COMPILE_ONLY.set(True)
+    with compile_pool(min(threads, len(todo))) as pooled:
+        if not pooled:
+            return
+        for cfg in todo:
+            try:
+                run(cfg)
+            except Exception:  # noqa: BLE001 - the timed launch reports it
+                continue
+
+
+def submit_candidates(
+    m: int,
+    n: int,
+    k: int,
+    dtype: torch.dtype,
+    device,
+    activation: str | None = None,
+    residual: bool = False,
+) -> None:
+    """Inside `compile_pool`: compile every Triton candidate that `tune` will time for this GEMM
+    (the same tensors' shapes, so the timed launches find them compiled), without waiting."""
+    if not _pdl.compiling_only():
+        raise RuntimeError("submit_candidates only compiles: call it inside compile_pool()")
+    x, res, y, bias, w = _tuning_tensors(m, n, k, dtype, device, residual)
+    for cfg in tuning_candidates(m, n, k, dtype, device):
+        if cfg.backend == "cublas":
+            continue
         try:
-            for cfg in todo:
-                try:
-                    run(cfg)
-                except Exception:  # noqa: BLE001 - the timed launch reports it
-                    continue
-        finally:
-            _COMPILE_ONLY.reset(token)
+            linear(x, w, bias, activation=activation, residual=res, out=y, config=cfg)
+        except Exception:  # noqa: BLE001 - the timed launch reports it
+            continue
 
 
 def linear(
@@ -714,6 +748,8 @@ def linear(
     if config is None:
         config = default_config(m, n, k, x.dtype)
     if config.backend == "cublas":
+        if _pdl.compiling_only():
+            return out  # nothing to compile
         if x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
             # The caller turned TF32 on for torch; fp32 here means fp32, so keep the kernel.
             config = default_config(m, n, k, x.dtype)
@@ -737,7 +773,7 @@ def linear(
     if pdl["PDL"] and PREFETCH_WEIGHTS and m_bucket(m) <= _PREFETCH_MAX_M:
         step = 128 // x.element_size()
         pdl.update(PREFETCH=True, PF_STEP=step, PF_LINES=max(config.block_k // step, 1))
-    _launcher(_linear_kernel, grid)(
+    _pdl.launcher(_linear_kernel, grid)(
         x,
         weight,
         bias if bias is not None else x,  # never read: HAS_BIAS is False
@@ -834,7 +870,7 @@ def _linear_tma(x, weight, bias, activation, residual, out, config, tiles, upcas
         TMA_STORE and out.element_size() == 2 and _tma_aligned(out) and staged <= _SMEM_HARDWARE
     )
     y_desc = TensorDescriptor(out, [m, n], [out.stride(0), 1], [bm, bn]) if tma_store else None
-    _launcher(_linear_tma_kernel, (min(tiles, programs),))(
+    _pdl.launcher(_linear_tma_kernel, (min(tiles, programs),))(
         x_desc,
         w_desc,
         y_desc if tma_store else x_desc,  # never used: TMA_STORE is False
@@ -1241,15 +1277,14 @@ def time_candidates(
 
     device = torch.device(device)
     mb = m_bucket(m)
-    x = torch.randn((mb, k), device=device).to(dtype)
-    res = torch.randn((mb, n), device=device).to(dtype) if residual else None
-    y = torch.empty((mb, n), device=device, dtype=dtype)
-    bias = torch.randn(n, device=device, dtype=torch.float32)
+    x, res, y, bias, w = _tuning_tensors(m, n, k, dtype, device, residual)
     # Copies of the weight: a pass over them, with the activations, is twice the L2.
     l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
     per_launch = (n * k + mb * (k + 2 * n)) * x.element_size()
     copies = max(1, min(_TUNE_MAX_COPIES, triton.cdiv(2 * l2, per_launch)))
-    weights = [(torch.randn((n, k), device=device) / k**0.5).to(dtype) for _ in range(copies)]
+    weights = [w] + [
+        (torch.randn((n, k), device=device) / k**0.5).to(dtype) for _ in range(copies - 1)
+    ]
 
     def launches(cfg):
         for w in weights:
@@ -1271,6 +1306,18 @@ def time_candidates(
             ms = None
         timed.append((cfg, ms))
     return timed
+
+
+def _tuning_tensors(m, n, k, dtype, device, residual):
+    """x, residual (or None), out, bias and weight of the tuner's launches: the bucket's row
+    count, random values of the model's scale."""
+    mb = m_bucket(m)
+    x = torch.randn((mb, k), device=device).to(dtype)
+    res = torch.randn((mb, n), device=device).to(dtype) if residual else None
+    y = torch.empty((mb, n), device=device, dtype=dtype)
+    bias = torch.randn(n, device=device, dtype=torch.float32)
+    w = (torch.randn((n, k), device=device) / k**0.5).to(dtype)
+    return x, res, y, bias, w
 
 
 # At most this many weight copies per tuning graph (the 768 x 768 weight of BERT-base in fp16 is

@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from optimum_disc.kernels import launch as _launch
+
 # Kernel and reference read the same inputs and compute in fp32, rounding once to the output
 # dtype; they differ by the GPU's approximate transcendentals (exp2/log2/rsqrt/division are a
 # few ulp) compounded over a chain of steps, plus at most one rounding step of the output dtype
@@ -405,7 +407,7 @@ def pointwise(expr: dict, inputs: list, *, out=None, out_dtype=None) -> torch.Te
     block_m, block_n, num_warps = _launch_config(M, N)
     strides = [out.stride(0)] + [t.stride(0) for t, k in zip(inputs, expr["inputs"]) if k == "full"]
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
-    kernel[grid](
+    _launch.launcher(kernel, grid)(
         out, *inputs, M, N, *strides, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps
     )
     return out

@@ -8,7 +8,7 @@
 # Prints a short table last.
 #
 #   bash scripts/gpu_check.sh [install|tests|bench|full|archs|profile|host|levers|gemm|epilogue|
-#                              timeline|tunetime|minilm|
+#                              timeline|tunetime|firstcalls|minilm|
 #                              quicktour|soak|all]
 #                             [options...]
 #
@@ -35,6 +35,9 @@
 #        each GEMM timed alone (scripts/kernel_timeline.py; options go to it)
 # tunetime: seconds the GEMM tuner takes for BERT-base's projections from an empty Triton cache,
 #        candidates compiled one at a time and side by side (scripts/tune_time.py; options go to it)
+# firstcalls: seconds from nothing to the first call of each shape, from an empty Triton cache,
+#        without and with the warm-up of new shape buckets (scripts/first_calls.py; options go
+#        to it)
 # minilm: the embedded MiniLM sentiment model over the movie reviews, compiled fp16 against
 #        transformers fp32, every bucket warmed up before timing
 # quicktour: examples/quicktour.py on the GPU with the embedded model folder
@@ -115,6 +118,12 @@ if [[ $mode == tunetime ]]; then
   for threads in 1 "$(nproc)"; do
     TRITON_CACHE_DIR=$(mktemp -d) OPTIMUM_DISC_COMPILE_THREADS=$threads \
       python3 "$OLDPWD/scripts/tune_time.py" --output tune_time.jsonl "$@" || status=1
+  done
+fi
+if [[ $mode == firstcalls ]]; then
+  for variant in --no-warm-up ""; do
+    TRITON_CACHE_DIR=$(mktemp -d) python3 "$OLDPWD/scripts/first_calls.py" \
+      --output first_calls.jsonl $variant "$@" || status=1
   done
 fi
 if [[ $mode == minilm ]]; then

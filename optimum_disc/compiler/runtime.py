@@ -59,6 +59,7 @@ class _Kernels:
             attention,
             embedding,
             interpreted,
+            launch,
             layernorm,
             matmul,
             pointwise,
@@ -67,6 +68,7 @@ class _Kernels:
 
         self.attention, self.embedding, self.prologue = attention, embedding, prologue
         self.layernorm, self.matmul, self.pointwise = layernorm, matmul, pointwise
+        self.launch = launch
         if interpreted():
             from optimum_disc.kernels import interpreter
 
@@ -362,7 +364,9 @@ class CompiledModel:
 
     def _capture(self, key, inputs):
         static = self._static_inputs(key, inputs)
-        # The first run compiles the Triton kernels and tunes GEMMs; neither may be captured.
+        # The first run compiles the Triton kernels and tunes GEMMs (neither may be captured):
+        # the warm-up does both ahead, side by side.
+        self._warm_up(static)
         self._derive(static)
         self._execute(static)
         torch.cuda.synchronize(self.device)
@@ -379,6 +383,52 @@ class CompiledModel:
         while len(self._graphs) > self.settings.max_cuda_graphs:
             self._graphs.popitem(last=False)
         return entry
+
+    def _warm_up(self, static) -> None:
+        """Before the first run of a new shape bucket on a GPU: compile every kernel the run
+        launches and the candidates of every GEMM the tuner has not met yet, all side by side on
+        one thread pool (`matmul.compile_pool`), then tune those GEMMs, which only times them
+        now. Run one by one instead, each kernel would compile at its first launch and each GEMM
+        compile its own candidates in turn: the first call of a bucket waited for a dozen rounds
+        of compilation where one does. Programs with PyTorch ops compile the GEMM candidates
+        only (a PyTorch op would run on the unwritten buffers of a pass that only compiles)."""
+        if self.device.type != "cuda":
+            return
+        mm = self._kernels.matmul
+        gemms = self._untuned_gemms(static) if self.settings.autotune else []
+        with mm.compile_pool() as pooled:
+            if pooled:
+                for m, n, k, dtype, activation, residual in gemms:
+                    mm.submit_candidates(m, n, k, dtype, self.device, activation, residual)
+                if not any(call.kernel == "torch" for call in self.program.calls):
+                    self._derive(static)
+                    self._execute(static)
+        for gemm in gemms:
+            self.gemm_config(*gemm)
+
+    def _untuned_gemms(self, static) -> list[tuple]:
+        """(m, n, k, dtype, activation, residual) of each GEMM of the program whose tuned config
+        for this shape bucket is not known yet, once each, as `_launch_linear` asks for them."""
+        b_pad, _, rows = static["shape"]
+        found = {}
+        for call in self.program.calls:
+            ref = call.inputs.get("weight")
+            if call.kernel != "linear" or not (ref and ref.startswith("w:")):
+                continue
+            weight = self._weights[ref[2:]]
+            m = rows if self.program.buffers[call.output].layout == "tokens" else b_pad
+            gemm = (
+                m,
+                weight.shape[0],
+                weight.shape[1],
+                weight.dtype,
+                call.attrs["activation"],
+                call.inputs.get("residual") is not None,
+            )
+            key = self._gemm_key(*gemm)
+            if key not in self.program.tuning and key not in _TUNED:
+                found.setdefault(key, gemm)
+        return list(found.values())
 
     def _execute(self, static) -> dict[str, torch.Tensor]:
         """The program's kernel calls over the static inputs of one shape."""
@@ -503,18 +553,25 @@ class CompiledModel:
         """Block shapes of one GEMM: saved with the program per GPU model, shape bucket and
         epilogue, so an artifact loaded on another GPU tunes (or takes the defaults) afresh."""
         mm = self._kernels.matmul
-        key = f"{_device_name(self.device)}|{n}x{k}:{str(dtype).removeprefix('torch.')}"
-        key += f":{activation or 'none'}{'+residual' if residual else ''}:m{mm.m_bucket(m)}"
+        key = self._gemm_key(m, n, k, dtype, activation, residual)
         found = self.program.tuning.get(key) or _TUNED.get(key)
         if found is not None:
             self.program.tuning[key] = found
             return mm.GemmConfig.from_dict(found)
         capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        if self.settings.autotune and self.device.type == "cuda" and not capturing:
+        # A pass that only compiles (`_warm_up`) times nothing; the tuning follows it.
+        compiling = self._kernels.launch.compiling_only()
+        if self.settings.autotune and self.device.type == "cuda" and not (capturing or compiling):
             config = mm.tune(m, n, k, dtype, self.device, activation, residual)
             self.program.tuning[key] = _TUNED[key] = config.to_dict()
             return config
         return mm.default_config(m, n, k, dtype)
+
+    def _gemm_key(self, m, n, k, dtype, activation, residual) -> str:
+        """The key of a GEMM's tuned config: GPU model, shape, dtype, epilogue, row bucket."""
+        key = f"{_device_name(self.device)}|{n}x{k}:{str(dtype).removeprefix('torch.')}"
+        key += f":{activation or 'none'}{'+residual' if residual else ''}"
+        return key + f":m{self._kernels.matmul.m_bucket(m)}"
 
 
 # Tuned GEMM configs of this process, shared by every model (a second precision or a second

@@ -129,6 +129,101 @@ def test_one_compile_serves_every_shape(device, seed, monkeypatch):
     assert len(exports) == 1
 
 
+@pytest.mark.parametrize("remove_padding", [True, False])
+def test_untuned_gemms_are_the_ones_the_run_asks_for(remove_padding, device, seed, monkeypatch):
+    """`_untuned_gemms`, which the warm-up of a new shape bucket compiles and tunes ahead, lists
+    exactly the GEMMs (shapes, dtype, epilogue, row bucket) that the bucket's run then asks for,
+    and none whose config is already known."""
+    from optimum_disc.compiler import runtime
+
+    monkeypatch.setattr(runtime, "_TUNED", {})
+    model = _model("seq-cls", device)
+    compiled = optimize(model, DiscSettings(precision="fp16", remove_padding=remove_padding))
+    compiled.program.tuning.clear()
+    inputs = _inputs(3, 21, device)
+    asked = []
+    real = CompiledModel.gemm_config
+
+    def gemm_config(self, *gemm):
+        asked.append(gemm)
+        return real(self, *gemm)
+
+    monkeypatch.setattr(CompiledModel, "gemm_config", gemm_config)
+    compiled(**inputs)
+    b_pad, s_pad = (3, 21) if device == "cpu" else (runtime._bucket(3, 1), runtime._bucket(21, 16))
+    real_tokens = int(inputs["attention_mask"].sum())
+    rows = real_tokens if remove_padding else b_pad * s_pad
+    if remove_padding and device != "cpu":
+        rows = runtime._row_bucket(real_tokens)
+    static = {"shape": (b_pad, s_pad, rows)}
+    want = {compiled._gemm_key(*g): g for g in asked}
+    got = compiled._untuned_gemms(static)
+    assert len(got) == len(want) == len({(g[1], g[2], g[4], g[5]) for g in asked})
+    assert {compiled._gemm_key(*g): g for g in got} == want
+    # Known configs are left out.
+    for g in got:
+        compiled.program.tuning[compiled._gemm_key(*g)] = {"block_m": 16}
+    assert compiled._untuned_gemms(static) == []
+
+
+@pytest.mark.gpu
+def test_first_call_of_a_bucket_compiles_and_tunes_before_it_runs(device, seed, monkeypatch):
+    """A new shape bucket's first call compiles its kernels and tunes its GEMMs in the warm-up
+    (one thread pool for every kernel, then the timing): its first run compiles nothing on the
+    spot and tunes nothing, and the result is right."""
+    from triton.runtime import _async_compile
+    from triton.runtime.jit import JITFunction
+
+    from optimum_disc.compiler import runtime
+    from optimum_disc.kernels import launch, matmul
+
+    if not hasattr(JITFunction, "_do_compile") or matmul.AsyncCompileMode is None:
+        pytest.skip("this Triton has no asynchronous compilation")
+    monkeypatch.setenv("OPTIMUM_DISC_COMPILE_THREADS", "8")
+    monkeypatch.setattr(runtime, "_TUNED", {})
+    # Sizes no other test uses, so that the kernels are new to this process as well.
+    model = _model("seq-cls", device, hidden_size=80, num_attention_heads=5, intermediate_size=176)
+    compiled = optimize(model, DiscSettings(precision="fp16"))
+    events = []
+    real_execute, real_tune, real_compile = (
+        CompiledModel._execute,
+        matmul.tune,
+        JITFunction._do_compile,
+    )
+
+    def execute(self, static):
+        events.append(("compile pass" if launch.compiling_only() else "run", None))
+        return real_execute(self, static)
+
+    def tune(*a, **k):
+        events.append(("tune", a[:3]))
+        return real_tune(*a, **k)
+
+    def do_compile(self, *a, **k):
+        pooled = _async_compile.active_mode.get() is not None
+        events.append(("compile", "pooled" if pooled else getattr(self, "__name__", "?")))
+        return real_compile(self, *a, **k)
+
+    monkeypatch.setattr(CompiledModel, "_execute", execute)
+    monkeypatch.setattr(matmul, "tune", tune)
+    monkeypatch.setattr(JITFunction, "_do_compile", do_compile)
+    inputs = _inputs(3, 21, device)
+    with torch.no_grad():
+        ref = model.half()(**inputs)
+    out = compiled(**inputs)
+    kinds = [e[0] for e in events]
+    assert "compile pass" in kinds and "run" in kinds, events
+    first_run = kinds.index("run")
+    assert kinds.index("compile pass") < first_run
+    tunes = [e for e in events[:first_run] if e[0] == "tune"]
+    assert len(tunes) == len({e[1] for e in tunes}) >= 4, events
+    late = [
+        e for e in events[first_run:] if e[0] == "tune" or (e[0] == "compile" and e[1] != "pooled")
+    ]
+    assert not late, f"the first run compiled or tuned on the spot: {late}"
+    _compare(out, ref, inputs["attention_mask"], True, 2e-2, seed)
+
+
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_half_precision_within_twice_eager_half_error(precision, device, seed):
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
