@@ -14,6 +14,14 @@ import torch
 import triton
 import triton.language as tl
 
+from optimum_disc.kernels import interpreted
+from optimum_disc.kernels import launch as _launch
+
+try:
+    from triton.compiler import CompiledKernel
+except ImportError:  # pragma: no cover - every launch goes through Triton's launcher
+    CompiledKernel = ()
+
 # Order of the statistics in the result. ``first_min`` is min(1, attention_mask[:, 0]): 1 when
 # position 0 is a real token in every sequence.
 STATS = (
@@ -29,7 +37,24 @@ STATS = (
 _BIG = tl.constexpr(2**62)
 
 
-@triton.jit
+# Every integer argument is a run-time value (no specialization on it), so that one compiled kernel
+# serves every shape: `prepare_inputs` launches it directly after the first call (see
+# `_COMPILED`).
+@triton.jit(
+    do_not_specialize=[
+        "B",
+        "S",
+        "stride_ids_b",
+        "stride_ids_s",
+        "stride_mask_b",
+        "stride_mask_s",
+        "stride_types_b",
+        "stride_types_s",
+        "S_PAD",
+        "NPROG",
+        "PAD_ID",
+    ]
+)
 def _prepare_inputs_kernel(
     ids_ptr,
     mask_ptr,
@@ -183,7 +208,7 @@ def prepare_inputs(
     mask = attention_mask if attention_mask is not None else input_ids
     types = token_type_ids if token_type_ids is not None else input_ids
     block_s = max(16, triton.next_power_of_2(buffers.s_pad))
-    _prepare_inputs_kernel[(buffers.b_pad,)](
+    args = (
         input_ids,
         mask,
         types,
@@ -204,14 +229,33 @@ def prepare_inputs(
         buffers.stats,
         buffers.b_pad,
         pad_token_id if pad_token_id is not None else 0,
-        HAS_MASK=attention_mask is not None,
-        HAS_TYPES=token_type_ids is not None,
-        HAS_PAD=pad_token_id is not None,
-        BLOCK_S=block_s,
-        BLOCK_R=256,
-        num_warps=4 if block_s <= 1024 else 8,
     )
+    consts = (attention_mask is not None, token_type_ids is not None, pad_token_id is not None)
+    consts += (block_s, 256)  # HAS_MASK, HAS_TYPES, HAS_PAD, BLOCK_S, BLOCK_R
+    num_warps = 4 if block_s <= 1024 else 8
+    grid = (buffers.b_pad, 1, 1)
+    if interpreted() or _launch.compiling_only():
+        _launch.launcher(_prepare_inputs_kernel, grid)(*args, *consts, num_warps=num_warps)
+        return buffers.stats
+    # What the compiled kernel is specialized on besides the constants: the dtypes of the
+    # caller's tensors and whether their addresses are 16-byte aligned (the buffers are).
+    key = (input_ids.device, num_warps, consts)
+    key += tuple((t.dtype, t.data_ptr() % 16 == 0) for t in (input_ids, mask, types))
+    compiled = _COMPILED.get(key)
+    if compiled is not None:
+        compiled[grid](*args, *consts)
+        return buffers.stats
+    compiled = _prepare_inputs_kernel[grid](*args, *consts, num_warps=num_warps)
+    if isinstance(compiled, CompiledKernel):
+        _COMPILED[key] = compiled
     return buffers.stats
+
+
+# The input kernel compiled per key of `prepare_inputs`: each call launches it directly, which
+# takes a few microseconds of the host where Triton's launcher (binding and specializing 25
+# arguments) took 40 to 50 (H200 host, scripts/host_time.py); it runs before the CUDA graph of
+# every call, so its launch delays every call.
+_COMPILED: dict = {}
 
 
 def prepare_inputs_reference(
@@ -314,7 +358,7 @@ def derive_rows(
         )
     n = b * s
     block = min(max(triton.next_power_of_2(n), 16), 2048)
-    _derive_rows_kernel[(1,)](
+    _launch.launcher(_derive_rows_kernel, (1,))(
         mask,
         rows,
         cu_seqlens,

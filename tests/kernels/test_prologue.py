@@ -48,6 +48,32 @@ def test_strided_inputs(device, seed):
     assert torch.equal(buffers.ids, ref[0]) and stats.tolist() == ref[3].tolist()
 
 
+def test_one_compiled_kernel_serves_every_size_stride_and_address(device, seed):
+    """From its second launch on a GPU the input kernel runs from its compiled form, given each
+    call's own sizes, strides and addresses: right for every call of a run that changes them
+    (unaligned starts and row strides included)."""
+    from optimum_disc.kernels import prologue
+
+    g = torch.Generator().manual_seed(seed)
+    buffers = InputBuffers(8, 32, device)
+    for i in range(12):
+        batch = int(torch.randint(1, 9, (), generator=g))
+        seq = int(torch.randint(1, 33, (), generator=g))
+        offset = i % 3  # an odd offset makes the start of the int64 rows unaligned to 16 bytes
+        wide = torch.randint(-3, 60, (batch, seq + 5), generator=g).to(device)
+        ids = wide[:, offset : offset + seq]
+        mask = (torch.rand(batch, seq + 1, generator=g) > 0.3).long().to(device)[:, 1:]
+        types = torch.randint(0, 2, (batch, seq), generator=g).to(device) if i % 2 else None
+        stats = prepare_inputs(ids, mask, types, buffers)
+        ref = prepare_inputs_reference(ids, mask, types, 8, 32)
+        got = (buffers.ids, buffers.mask, buffers.types)
+        for name, a, b in zip(("ids", "mask", "types"), got, ref[:3]):
+            assert torch.equal(a, b), f"call {i} [{batch}, {seq}] +{offset}: {name}, seed {seed}"
+        assert stats.tolist() == ref[3].tolist(), f"call {i}: statistics, seed {seed}"
+    if device == "cuda":
+        assert prologue._COMPILED, "the input kernel was never launched from its compiled form"
+
+
 @pytest.mark.parametrize("with_mask", [True, False])
 def test_counts_real_tokens_after_a_padding_token(with_mask, device, seed):
     """RoBERTa-style positions: the eighth statistic counts real tokens at or after a padding
