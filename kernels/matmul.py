@@ -1080,8 +1080,8 @@ def default_config(m: int, n: int, k: int, dtype: torch.dtype) -> GemmConfig:
     return _default_config(m, n, k, dtype, interpreted())
 
 
-# Every candidate costs a compilation per epilogue at a model's first calls (about a second of a
-# core each), so the lists keep what won somewhere. Dropped after 382 tunings recorded under
+# Every candidate costs a compilation per epilogue at a model's first calls (about half a second
+# of a core each), so the lists keep what won somewhere. Dropped after 382 tunings recorded under
 # docs/benchmarks/ (BERT-base, RoBERTa, DistilBERT, DeBERTa-v3, ModernBERT; fp32, fp16, bf16;
 # H100 and H200) in which they won nothing that another candidate would not give as well: 16-bit,
 # five tiles of the small list, four of the large list and three split-K tiles; fp32, eight of
