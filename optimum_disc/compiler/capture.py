@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import operator
 import warnings
 from unittest import mock
 
@@ -138,6 +139,152 @@ def example_inputs(model: torch.nn.Module, names: list[str], batch: int = 3, seq
     return inputs
 
 
+# Ops of an exported encoder that ``run_decompositions({})`` keeps as they are. A graph of these
+# and of the ops of `_REWRITES` is taken to the ATen inference graph by `_to_inference_ir`.
+_KEPT = frozenset(
+    f"aten.{name}"
+    for name in (
+        "__and__.Tensor",
+        "_assert_tensor_metadata.default",
+        "add.Tensor",
+        "arange.default",
+        "arange.start",
+        "cumsum.default",
+        "div.Tensor",
+        "embedding.default",
+        "expand.default",
+        "ge.Scalar",
+        "gelu.default",
+        "index.Tensor",
+        "layer_norm.default",
+        "linear.default",
+        "masked_fill.Scalar",
+        "mul.Tensor",
+        "ne.Scalar",
+        "new_ones.default",
+        "pow.Tensor_Scalar",
+        "relu.default",
+        "scaled_dot_product_attention.default",
+        "select.int",
+        "slice.Tensor",
+        "sub.Tensor",
+        "sym_size.int",
+        "tanh.default",
+        "transpose.int",
+        "unsqueeze.default",
+        "view.default",
+    )
+)
+
+
+def _to_inference_ir(exported) -> bool:
+    """Turn the exported graph (``torch.export``'s training IR) into the ATen inference graph
+    that ``exported.run_decompositions({})`` gives, in place, where it holds only ops of `_KEPT`
+    and of `_REWRITES`: for an eval-mode encoder the decompositions then only turn
+    ``dropout`` into ``clone``, ``reshape`` of a contiguous tensor into ``view``, ``to`` into
+    ``_to_copy`` (or nothing, where it changes nothing) and drop dead nodes, and re-tracing the
+    whole graph for that took half of `optimize` (BERT-base: 3.7 of 6.8 s on a CPU). Returns
+    False, having changed nothing, for any other graph (in-place ops, other composite ops), which
+    the caller decomposes as before."""
+    graph = exported.graph_module.graph
+    nodes = [n for n in graph.nodes if n.op == "call_function"]
+    for node in nodes:
+        name = str(node.target)
+        if name in _KEPT or node.target in (operator.getitem, operator.mul):
+            continue
+        rewrite = _REWRITES.get(name)
+        if rewrite is None or rewrite(node, check=True) is False:
+            return False
+    for node in nodes:
+        rewrite = _REWRITES.get(str(node.target))
+        if rewrite is not None:
+            rewrite(node, check=False)
+    graph.eliminate_dead_code()
+    exported.graph_module.recompile()
+    return True
+
+
+def _val(node):
+    return node.meta.get("val") if isinstance(node, torch.fx.Node) else node
+
+
+def _replace(node, target, args, kwargs=None) -> None:
+    with node.graph.inserting_before(node):
+        new = node.graph.call_function(target, tuple(args), kwargs or {})
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    node.graph.erase_node(node)
+
+
+def _dropout(node, check: bool):
+    """``dropout(x, p, train=False)`` -> ``clone(x)``."""
+    train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train")
+    if check:
+        return train is False
+    _replace(node, torch.ops.aten.clone.default, node.args[:1])
+
+
+def _reshape(node, check: bool):
+    """``reshape`` -> ``view`` where no copy is needed: of a contiguous tensor (the same sizes),
+    or to the tensor's own shape (the sizes as inferred, as the decomposition writes them)."""
+    x, out = _val(node.args[0]), node.meta.get("val")
+    if not (isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor)):
+        return False if check else None
+    sizes = list(node.args[1])
+    if not x.is_contiguous():
+        if tuple(out.shape) != tuple(x.shape):
+            return False if check else None
+        inferred = [i for i, size in enumerate(sizes) if size == -1]
+        if any(not isinstance(out.shape[i], int) for i in inferred):
+            return False if check else None
+        for i in inferred:
+            sizes[i] = out.shape[i]
+    if check:
+        return True
+    _replace(node, torch.ops.aten.view.default, [node.args[0], sizes])
+    return None
+
+
+def _to(node, check: bool):
+    """``to(x, ...)`` and ``type_as(x, other)`` -> ``x`` where they change nothing, else
+    ``_to_copy(x, dtype=, device=)``: only dtype and device, without ``copy`` or a memory
+    format."""
+    x, out = _val(node.args[0]), node.meta.get("val")
+    if not (isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor)):
+        return False if check else None
+    flags = {**dict(zip(_TO_FLAGS[str(node.target)], node.args[1:])), **node.kwargs}
+    plain = not flags.get("copy") and flags.get("memory_format") is None
+    plain = plain and flags.get("layout") in (None, torch.strided)
+    if check:
+        return plain and flags.get("pin_memory") in (None, False)
+    if out.dtype == x.dtype and out.device == x.device:
+        node.replace_all_uses_with(node.args[0])
+        node.graph.erase_node(node)
+        return None
+    kwargs = {"dtype": out.dtype} if out.dtype != x.dtype else {}
+    if out.device != x.device:
+        kwargs["device"] = out.device
+    _replace(node, torch.ops.aten._to_copy.default, node.args[:1], kwargs)
+    return None
+
+
+# Positional arguments after ``self`` of each ``to`` overload.
+_TO_FLAGS = {
+    "aten.to.dtype": ("dtype", "non_blocking", "copy", "memory_format"),
+    "aten.to.device": ("device", "dtype", "non_blocking", "copy", "memory_format"),
+    "aten.to.dtype_layout": (),  # keyword-only
+    "aten.type_as.default": (),  # to(other's dtype and device)
+}
+_REWRITES = {
+    "aten.dropout.default": _dropout,
+    "aten.reshape.default": _reshape,
+    "aten.to.dtype": _to,
+    "aten.to.device": _to,
+    "aten.to.dtype_layout": _to,
+    "aten.type_as.default": _to,
+}
+
+
 def capture(model: torch.nn.Module, inputs: dict[str, torch.Tensor] | None = None) -> Graph:
     """Export ``model`` (in eval mode) with dynamic ``batch`` and ``seq`` dimensions."""
     if model.training:
@@ -172,7 +319,8 @@ def capture(model: torch.nn.Module, inputs: dict[str, torch.Tensor] | None = Non
                 f"torch.export (torch {torch.__version__}) could not trace it with symbolic "
                 f"batch and sequence sizes: {type(e).__name__}: {' '.join(lines[:3])}",
             ) from e
-        exported = exported.run_decompositions({})
+        if not _to_inference_ir(exported):
+            exported = exported.run_decompositions({})
 
     gm = exported.graph_module
     sig = exported.graph_signature

@@ -164,6 +164,39 @@ def _compare(arch, out, ref, mask, remove_padding, rtol, seed):
         assert err <= rtol, f"{arch} {field}: max |diff| / scale = {err:.3g} > {rtol} (seed {seed})"
 
 
+# -- the inference graph without re-tracing --------------------------------------------------------
+
+# Architectures whose exported graph holds in-place or other composite ops: decomposed by
+# re-tracing (``run_decompositions``) as before.
+RETRACED = ("mpnet", "deberta-v2", "modernbert")
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_inference_graph_in_place_gives_the_same_program(arch, monkeypatch):
+    """`capture._to_inference_ir` rewrites the exported graph into the one that
+    ``run_decompositions`` gives by re-tracing it, or leaves it alone: either way the compiled
+    program (kernels, attributes, buffers, weights) is the same as with the re-tracing."""
+    import importlib
+
+    # (the package's ``capture`` is the function; the module holds `_to_inference_ir`)
+    capture_module = importlib.import_module("optimum_disc.compiler.capture")
+
+    model = _model(arch, "token-cls" if arch != "distilbert" else "seq-cls", "cpu")
+    real = capture_module._to_inference_ir
+    taken = []
+    monkeypatch.setattr(
+        capture_module, "_to_inference_ir", lambda ep: taken.append(real(ep)) or taken[-1]
+    )
+    program = optimize(model, DiscSettings(precision="fp16")).program
+    monkeypatch.setattr(capture_module, "_to_inference_ir", lambda ep: False)
+    retraced = optimize(model, DiscSettings(precision="fp16")).program
+    assert taken == [arch not in RETRACED]
+    assert program.to_json() == retraced.to_json()
+    assert program.weights.keys() == retraced.weights.keys()
+    for name, weight in program.weights.items():
+        assert torch.equal(weight, retraced.weights[name]), name
+
+
 # -- fp32 parity, one compile per (architecture, head) ------------------------------------------
 
 CASES = [
