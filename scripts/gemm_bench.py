@@ -51,6 +51,31 @@ def _wide(m, n, k, dtype):
     return found
 
 
+def _sweep(m, n, k, dtype):
+    """Every tile of a grid over block_n, block_k, warps and K slices at block_m 32 (fp32 at few
+    rows: how many outputs each thread owns and how many programs share K)."""
+    from optimum_disc.kernels import matmul
+
+    found = []
+    for bn in (16, 32, 64, 128):
+        for bk in (16, 32, 64):
+            for warps in (1, 2, 4):
+                for split in (1, 2, 4, 8, 16):
+                    if bn * 32 // (32 * warps) > 128 or k // split < bk:
+                        continue  # more than 128 accumulators per thread, or an empty slice
+                    cfg = matmul.GemmConfig(
+                        block_m=min(32, matmul.m_bucket(m)),
+                        block_n=bn,
+                        block_k=bk,
+                        group_m=8,
+                        num_warps=warps,
+                        num_stages=3,
+                        split_k=split,
+                    )
+                    found.append(cfg)
+    return found
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="1024,2048,4096,16384")
@@ -65,6 +90,12 @@ def main(argv=None) -> int:
         "--wide",
         action="store_true",
         help="at up to 256 rows, also time narrow tiles with 2 or 4 warps and 4 to 16 K slices",
+    )
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="at up to 256 rows, also time a grid of tiles at block_m 32: block_n 16 to 128, "
+        "block_k 16 to 64, 1 to 4 warps, 1 to 16 K slices",
     )
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -86,6 +117,8 @@ def main(argv=None) -> int:
             candidates = matmul.tuning_candidates(m, n, k, dtype, device)
             if args.wide and matmul.m_bucket(m) <= 256:
                 candidates += [c for c in _wide(m, n, k, dtype) if c not in candidates]
+            if args.sweep and matmul.m_bucket(m) <= 256:
+                candidates += [c for c in _sweep(m, n, k, dtype) if c not in candidates]
             timed = matmul.time_candidates(m, n, k, dtype, device, act, res, candidates)
             # The TMA kernel again with its outputs stored per thread instead of by TMA.
             tma = [cfg for cfg, _ in timed if cfg.backend == "tma"]
