@@ -88,6 +88,13 @@ _PREFETCH_MAX_M = 256
 # H200, BERT-base fp32 at 2 x 16 with the same GEMM configs: 1.91 ms per call with PDL, 1.36 ms
 # without (the weight prefetch made no difference; docs/performance.md).
 FP32_PDL = False
+# Up to this many rows (the row bucket, `m_bucket`), `_linear_kernel` reads its epilogue at run
+# time: one compilation per tile for every epilogue of a model, where each new shape bucket's
+# candidates are most of what its first call compiles (BERT-base fp16 on an H200: 47 kernels at
+# 2 x 16, 21 at 1 x 128, each candidate once per epilogue). Above it the epilogue stays a
+# compile-time constant: in 128 x 128 tiles the run-time branch made ptxas spill (Triton 3.9,
+# sm_90: 208 bytes of stack where the constant epilogues without a residual had none).
+_RUNTIME_EPILOGUE_MAX_M = 256
 # Whether a PDL launch of few rows prefetches its slice of the weight into L2 before it waits.
 PREFETCH_WEIGHTS = True
 # How `linear` multiplies fp32 inputs (tl.dot's input_precision): "ieee", fp32 products on the
@@ -212,7 +219,7 @@ def _gelu(x):
 
 
 @triton.jit
-def _bias_activation(acc, offs_n, N, b_ptr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr):
+def _bias_activation(acc, offs_n, N, b_ptr, HAS_BIAS: tl.constexpr, ACTIVATION):
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0)
         acc += bias.to(tl.float32)[None, :]
@@ -239,8 +246,8 @@ def _finish(
     r_ptr,
     stride_rm,
     HAS_BIAS: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr,
-    ACTIVATION: tl.constexpr,
+    HAS_RESIDUAL,
+    ACTIVATION,
 ):
     # The epilogue's arithmetic, before the store (per thread in `_epilogue`, or by TMA).
     acc = _bias_activation(acc, offs_n, N, b_ptr, HAS_BIAS, ACTIVATION)
@@ -264,8 +271,8 @@ def _epilogue(
     stride_rm,
     stride_ym,
     HAS_BIAS: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr,
-    ACTIVATION: tl.constexpr,
+    HAS_RESIDUAL,
+    ACTIVATION,
 ):
     # Bias, activation and residual on the fp32 accumulator, then one cast and one store.
     acc = _finish(
@@ -293,8 +300,13 @@ def _partial(ws_ptr, s, acc, pid_k, M, N, offs_m, offs_n, mask):
 
 # M is not specialized (Triton would otherwise compile a kernel per M % 16 == 0 or M == 1): the
 # tuner times each candidate at the bucket's row count, and the model runs it at any row count
-# of the bucket, with the same compiled kernel.
-@triton.jit(do_not_specialize=["M"])
+# of the bucket, with the same compiled kernel. With ACTIVATION = HAS_RESIDUAL = -1 (what
+# `linear` passes at few rows, `_RUNTIME_EPILOGUE_MAX_M`) the epilogue is read at run time from
+# EPI_ACTIVATION and EPI_RESIDUAL instead, for the same reason: one compiled kernel per tile then
+# serves every GEMM of a model (QKV, attention output, FFN up and down, pooler), so a new shape
+# bucket compiles each candidate once rather than once per epilogue. The branch is uniform and
+# taken once per tile, after the main loop.
+@triton.jit(do_not_specialize=["M", "EPI_RESIDUAL", "EPI_ACTIVATION"])
 def _linear_kernel(
     x_ptr,
     w_ptr,
@@ -310,6 +322,8 @@ def _linear_kernel(
     stride_wn,
     stride_rm,
     stride_ym,
+    EPI_RESIDUAL,
+    EPI_ACTIVATION,
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     ACTIVATION: tl.constexpr,
@@ -399,6 +413,12 @@ def _linear_kernel(
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
 
+    if ACTIVATION < 0:
+        has_residual = EPI_RESIDUAL != 0
+        activation = EPI_ACTIVATION
+    else:
+        has_residual = HAS_RESIDUAL
+        activation = ACTIVATION
     if SPLIT_K == 1:
         _epilogue(
             acc,
@@ -412,8 +432,8 @@ def _linear_kernel(
             stride_rm,
             stride_ym,
             HAS_BIAS,
-            HAS_RESIDUAL,
-            ACTIVATION,
+            has_residual,
+            activation,
         )
     else:
         # "The last program of a tile finishes it": every program stores its fp32 partial in
@@ -458,8 +478,8 @@ def _linear_kernel(
                 stride_rm,
                 stride_ym,
                 HAS_BIAS,
-                HAS_RESIDUAL,
-                ACTIVATION,
+                has_residual,
+                activation,
             )
 
 
@@ -769,6 +789,7 @@ def linear(
         # Every element that is read back is written first, in the same launch.
         workspace = torch.empty((config.split_k, m, n), dtype=torch.float32, device=x.device)
         counters = _tile_counters(x.device, tiles)
+    runtime_epilogue = m_bucket(m) <= _RUNTIME_EPILOGUE_MAX_M
     pdl = _pdl.options(x.device) if x.dtype != torch.float32 or FP32_PDL else {"PDL": False}
     if pdl["PDL"] and PREFETCH_WEIGHTS and m_bucket(m) <= _PREFETCH_MAX_M:
         step = 128 // x.element_size()
@@ -788,9 +809,11 @@ def linear(
         weight.stride(0),
         residual.stride(0) if residual is not None else 0,
         out.stride(0),
+        int(residual is not None),
+        _ACTIVATION_IDS[activation],
         HAS_BIAS=bias is not None,
-        HAS_RESIDUAL=residual is not None,
-        ACTIVATION=_ACTIVATION_IDS[activation],
+        HAS_RESIDUAL=-1 if runtime_epilogue else residual is not None,
+        ACTIVATION=-1 if runtime_epilogue else _ACTIVATION_IDS[activation],
         IEEE=x.dtype == torch.float32 or upcast,
         UPCAST=upcast,
         EVEN_K=k % config.block_k == 0,
@@ -1135,10 +1158,14 @@ _SPLIT_K_CANDIDATES = {
         (64, 32, 64, 4, 3, 4),
         (64, 64, 32, 4, 3, 4),
         (64, 64, 32, 4, 3, 8),
-        # Narrow tiles over many K slices, the fastest at 32 rows of BERT-base's QKV, attention
-        # output and FFN down projections on an H200 (10 to 14% faster than the rest).
-        (32, 32, 32, 4, 3, 16),
-        (32, 16, 32, 2, 3, 8),
+        # Narrow tiles of one or two warps over four or eight K slices: the fastest at 32 and
+        # 128 rows of BERT-base's projections on an H200 (`scripts/gemm_bench.py --sweep`, a
+        # grid of 168 to 180 tiles per projection: 15 to 19% faster at 32 rows than the two
+        # narrow tiles these replace, and the best Triton tiles at 128 rows).
+        (32, 16, 32, 1, 3, 4),
+        (32, 16, 64, 1, 3, 8),
+        (32, 64, 32, 1, 3, 4),
+        (32, 64, 64, 2, 3, 8),
     ),
 }
 
@@ -1157,6 +1184,22 @@ _TMA_CANDIDATES = (
     (128, 64, 64, 4, 4),
     (64, 128, 64, 4, 4),
 )
+
+
+# GEMMs with fewer output columns than this (a classification head) are not tuned: one column
+# of tiles, latency-bound whatever the tiles, and each new shape bucket would compile every
+# candidate for them (about six kernels per bucket for BERT-base's classifier).
+_TUNE_MIN_N = 32
+
+
+def worth_tuning(n: int, k: int) -> bool:
+    """Whether `tune` is worth its compilations for an [m, k] x [n, k] product; else the
+    default config serves.
+
+    >>> worth_tuning(768, 768), worth_tuning(5, 768)
+    (True, False)
+    """
+    return n >= _TUNE_MIN_N and k >= 16
 
 
 def candidate_configs(

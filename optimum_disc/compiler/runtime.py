@@ -409,7 +409,8 @@ class CompiledModel:
 
     def _untuned_gemms(self, static) -> list[tuple]:
         """(m, n, k, dtype, activation, residual) of each GEMM of the program whose tuned config
-        for this shape bucket is not known yet, once each, as `_launch_linear` asks for them."""
+        for this shape bucket is not known yet, once each, as `_launch_linear` asks for them;
+        GEMMs too narrow to tune (`matmul.worth_tuning`) are left out."""
         b_pad, _, rows = static["shape"]
         found = {}
         for call in self.program.calls:
@@ -426,6 +427,8 @@ class CompiledModel:
                 call.attrs["activation"],
                 call.inputs.get("residual") is not None,
             )
+            if not self._kernels.matmul.worth_tuning(gemm[1], gemm[2]):
+                continue
             key = self._gemm_key(*gemm)
             if key not in self.program.tuning and key not in _TUNED:
                 found.setdefault(key, gemm)
@@ -562,7 +565,8 @@ class CompiledModel:
         capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         # A pass that only compiles (`_warm_up`) times nothing; the tuning follows it.
         compiling = self._kernels.launch.compiling_only()
-        if self.settings.autotune and self.device.type == "cuda" and not (capturing or compiling):
+        tunes = self.settings.autotune and mm.worth_tuning(n, k)
+        if tunes and self.device.type == "cuda" and not (capturing or compiling):
             config = mm.tune(m, n, k, dtype, self.device, activation, residual)
             self.program.tuning[key] = _TUNED[key] = config.to_dict()
             return config

@@ -159,9 +159,12 @@ def test_untuned_gemms_are_the_ones_the_run_asks_for(remove_padding, device, see
     if remove_padding and device != "cpu":
         rows = runtime._row_bucket(real_tokens)
     static = {"shape": (b_pad, s_pad, rows)}
-    want = {compiled._gemm_key(*g): g for g in asked}
+    # The classifier (2 labels) is not tuned: too few columns (`matmul.worth_tuning`).
+    tuned = [g for g in asked if g[1] >= 32]
+    assert len(tuned) < len(asked)
+    want = {compiled._gemm_key(*g): g for g in tuned}
     got = compiled._untuned_gemms(static)
-    assert len(got) == len(want) == len({(g[1], g[2], g[4], g[5]) for g in asked})
+    assert len(got) == len(want) == len({(g[1], g[2], g[4], g[5]) for g in tuned})
     assert {compiled._gemm_key(*g): g for g in got} == want
     # Known configs are left out.
     for g in got:

@@ -72,8 +72,11 @@ def test_linear_shapes(m, n, k, dtype, device, seed):
     "has_bias, has_residual", [(False, False), (True, False), (False, True), (True, True)]
 )
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_linear_epilogue(activation, has_bias, has_residual, dtype, device, seed):
-    m, n, k = 33, 96, 40
+@pytest.mark.parametrize("m", [33, 300], ids=["epilogue-at-run-time", "epilogue-compiled-in"])
+def test_linear_epilogue(m, activation, has_bias, has_residual, dtype, device, seed):
+    # Up to 256 rows (`matmul._RUNTIME_EPILOGUE_MAX_M`) the kernel reads its epilogue at run
+    # time, above it the epilogue is a compile-time constant: both paths, every epilogue.
+    n, k = 96, 40
     x, w, b, r = _inputs(m, n, k, dtype, device, bias=has_bias, residual=has_residual)
     # Scaled up so that the activations see their non-linear range, not just values near 0.
     x = x * 2
@@ -550,6 +553,26 @@ def test_candidates_compiled_side_by_side_then_run_right_gpu(dtype, device, seed
             x, w, b, activation="gelu", residual=r, out=_poisoned(m, n, dtype, device), config=cfg
         )
         _check(y, ref, seed, f"{cfg} {dtype}")
+
+
+@pytest.mark.gpu
+def test_one_compiled_kernel_serves_every_epilogue_at_few_rows_gpu(device, seed):
+    """At up to 256 rows one compiled kernel per tile serves every epilogue (what keeps a new
+    shape bucket's compilations to one per candidate); above it each epilogue compiles its own.
+    Every output is checked."""
+    cfg = matmul.GemmConfig(
+        block_m=32, block_n=32, block_k=32, group_m=8, num_warps=8, num_stages=2, split_k=1
+    )
+    kernels = matmul._linear_kernel.device_caches[torch.cuda.current_device()][0]
+    epilogues = [(None, False), ("gelu", False), (None, True), ("tanh", True), ("relu", False)]
+    for m, compiled in ((48, 1), (300, len(epilogues))):
+        before = len(kernels)
+        for activation, has_residual in epilogues:
+            x, w, b, r = _inputs(m, 96, 64, torch.float16, device, residual=has_residual)
+            y = linear(x, w, b, activation=activation, residual=r, config=cfg)
+            ref = linear_reference(x, w, b, activation=activation, residual=r)
+            _check(y, ref, seed, f"M={m} {activation} residual={has_residual}")
+        assert len(kernels) - before == compiled, f"M={m}: {len(kernels) - before} compilations"
 
 
 @pytest.mark.gpu
