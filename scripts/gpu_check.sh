@@ -37,7 +37,7 @@
 #        candidates compiled one at a time and side by side (scripts/tune_time.py; options go to it)
 # firstcalls: seconds from nothing to the first call of each shape, from an empty Triton cache,
 #        without and with the warm-up of new shape buckets (scripts/first_calls.py; options go
-#        to it)
+#        to it; WARM_UP_ONLY=1: with the warm-up only)
 # minilm: the embedded MiniLM sentiment model over the movie reviews, compiled fp16 against
 #        transformers fp32, every bucket warmed up before timing
 # quicktour: examples/quicktour.py on the GPU with the embedded model folder
@@ -121,7 +121,9 @@ if [[ $mode == tunetime ]]; then
   done
 fi
 if [[ $mode == firstcalls ]]; then
-  for variant in --no-warm-up ""; do
+  variants=(--no-warm-up "")
+  [[ ${WARM_UP_ONLY:-0} == 1 ]] && variants=("")
+  for variant in "${variants[@]}"; do
     TRITON_CACHE_DIR=$(mktemp -d) python3 "$OLDPWD/scripts/first_calls.py" \
       --output first_calls.jsonl $variant "$@" || status=1
   done
