@@ -1192,14 +1192,14 @@ _TMA_CANDIDATES = (
 _TUNE_MIN_N = 32
 
 
-def worth_tuning(n: int, k: int) -> bool:
-    """Whether `tune` is worth its compilations for an [m, k] x [n, k] product; else the
-    default config serves.
+def worth_tuning(n: int) -> bool:
+    """Whether `tune` is worth its compilations for a product with ``n`` output columns; else
+    the default config serves.
 
-    >>> worth_tuning(768, 768), worth_tuning(5, 768)
+    >>> worth_tuning(768), worth_tuning(5)
     (True, False)
     """
-    return n >= _TUNE_MIN_N and k >= 16
+    return n >= _TUNE_MIN_N
 
 
 def candidate_configs(

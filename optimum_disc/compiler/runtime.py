@@ -427,7 +427,7 @@ class CompiledModel:
                 call.attrs["activation"],
                 call.inputs.get("residual") is not None,
             )
-            if not self._kernels.matmul.worth_tuning(gemm[1], gemm[2]):
+            if not self._kernels.matmul.worth_tuning(gemm[1]):
                 continue
             key = self._gemm_key(*gemm)
             if key not in self.program.tuning and key not in _TUNED:
@@ -565,7 +565,7 @@ class CompiledModel:
         capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         # A pass that only compiles (`_warm_up`) times nothing; the tuning follows it.
         compiling = self._kernels.launch.compiling_only()
-        tunes = self.settings.autotune and mm.worth_tuning(n, k)
+        tunes = self.settings.autotune and mm.worth_tuning(n)
         if tunes and self.device.type == "cuda" and not (capturing or compiling):
             config = mm.tune(m, n, k, dtype, self.device, activation, residual)
             self.program.tuning[key] = _TUNED[key] = config.to_dict()
