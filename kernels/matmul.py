@@ -789,9 +789,10 @@ def linear(
         # Every element that is read back is written first, in the same launch.
         workspace = torch.empty((config.split_k, m, n), dtype=torch.float32, device=x.device)
         counters = _tile_counters(x.device, tiles)
-    runtime_epilogue = m_bucket(m) <= _RUNTIME_EPILOGUE_MAX_M
+    bucket = m_bucket(m)
+    runtime_epilogue = bucket <= _RUNTIME_EPILOGUE_MAX_M
     pdl = _pdl.options(x.device) if x.dtype != torch.float32 or FP32_PDL else {"PDL": False}
-    if pdl["PDL"] and PREFETCH_WEIGHTS and m_bucket(m) <= _PREFETCH_MAX_M:
+    if pdl["PDL"] and PREFETCH_WEIGHTS and bucket <= _PREFETCH_MAX_M:
         step = 128 // x.element_size()
         pdl.update(PREFETCH=True, PF_STEP=step, PF_LINES=max(config.block_k // step, 1))
     _pdl.launcher(_linear_kernel, grid)(

@@ -29,51 +29,45 @@ PROJECTIONS = (
 PEAK_TFLOPS = 750.0
 
 
-def _wide(m, n, k, dtype):
-    """Narrow tiles over many K slices: more programs for few rows, beyond the tuner's list."""
+def _tiles(m, k, block_n, block_k, warps, splits):
+    """Every split-K tile of the grid, block_m 32 (or the row bucket, if smaller), 3 stages,
+    each K slice at least one K block long."""
     from optimum_disc.kernels import matmul
 
-    found = []
-    for bn in (16, 32):
-        for warps in (2, 4):
-            for split in (4, 8, 16):
-                cfg = matmul.GemmConfig(
-                    block_m=min(32, matmul.m_bucket(m)),
-                    block_n=bn,
-                    block_k=32,
-                    group_m=8,
-                    num_warps=warps,
-                    num_stages=3,
-                    split_k=split,
-                )
-                if k // split >= cfg.block_k:
-                    found.append(cfg)
-    return found
+    return [
+        matmul.GemmConfig(
+            block_m=min(32, matmul.m_bucket(m)),
+            block_n=bn,
+            block_k=bk,
+            group_m=8,
+            num_warps=w,
+            num_stages=3,
+            split_k=split,
+        )
+        for bn in block_n
+        for bk in block_k
+        for w in warps
+        for split in splits
+        if k // split >= bk
+    ]
+
+
+def _wide(m, n, k, dtype):
+    """Narrow tiles over many K slices: more programs for few rows, beyond the tuner's list."""
+    return _tiles(m, k, block_n=(16, 32), block_k=(32,), warps=(2, 4), splits=(4, 8, 16))
 
 
 def _sweep(m, n, k, dtype):
-    """Every tile of a grid over block_n, block_k, warps and K slices at block_m 32 (fp32 at few
-    rows: how many outputs each thread owns and how many programs share K)."""
-    from optimum_disc.kernels import matmul
-
-    found = []
-    for bn in (16, 32, 64, 128):
-        for bk in (16, 32, 64):
-            for warps in (1, 2, 4):
-                for split in (1, 2, 4, 8, 16):
-                    if bn * 32 // (32 * warps) > 128 or k // split < bk:
-                        continue  # more than 128 accumulators per thread, or an empty slice
-                    cfg = matmul.GemmConfig(
-                        block_m=min(32, matmul.m_bucket(m)),
-                        block_n=bn,
-                        block_k=bk,
-                        group_m=8,
-                        num_warps=warps,
-                        num_stages=3,
-                        split_k=split,
-                    )
-                    found.append(cfg)
-    return found
+    """A grid over block_n, block_k, warps and K slices (fp32 at few rows: how many outputs each
+    thread owns and how many programs share K)."""
+    return _tiles(
+        m,
+        k,
+        block_n=(16, 32, 64, 128),
+        block_k=(16, 32, 64),
+        warps=(1, 2, 4),
+        splits=(1, 2, 4, 8, 16),
+    )
 
 
 def main(argv=None) -> int:
