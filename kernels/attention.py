@@ -47,6 +47,8 @@ TOLERANCES = {
 
 _LOG2E = 1.4426950408889634
 _MAX_GRID_Y = 65535  # CUDA's limit on the second grid axis, which counts query blocks
+# SMs of an H100 or H200 SXM: where fewer programs than this would run, smaller blocks pay.
+_SM_COUNT = 132
 
 
 @triton.jit
@@ -157,20 +159,49 @@ def _attention_kernel(
     )
 
 
-def _launch_config(block_d: int, dtype: torch.dtype, max_seqlen: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for one head width and dtype."""
+def _launch_config(
+    block_d: int, dtype: torch.dtype, max_seqlen: int, batch_heads: int
+) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for one head width, dtype, longest sequence and
+    number of (sequence, head) pairs.
+
+    Few pairs of short sequences leave most SMs idle with large query blocks, so those take
+    smaller ones: more programs, and less of each tile spent past the sequence's end. Measured
+    on an H200 with BERT-base's 12 heads of 64 channels (`scripts/attention_bench.py`,
+    docs/performance.md), microseconds per launch:
+
+    ========  =================================  ==================================
+    shape     fp32 (before: 64 x 32, 8 warps)    fp16 (before: 128 x 64 above 64 rows)
+    ========  =================================  ==================================
+    2 x 16    3.0 (8.0)                          2.5 (unchanged)
+    1 x 128   11.3 (26.9)                        3.3 (4.2)
+    8 x 128   42.3 (50.0)                        4.5 (unchanged)
+    ========  =================================  ==================================
+
+    From 32 x 128 on, both keep their large blocks, which were the fastest there.
+    """
     if interpreted():
         # The interpreter runs each program in numpy: small tiles keep CPU tests quick and make
         # short test sequences cross several query and key blocks.
         return 16, 16, 4, 1
+    # Programs of 64 and of 128 query rows the launch would have.
+    programs_64 = batch_heads * triton.cdiv(max_seqlen, 64)
+    programs_128 = batch_heads * triton.cdiv(max_seqlen, 128)
     if dtype == torch.float32:
         # "ieee" fp32 dots run on the FMA units, not the tensor cores, with their operands in
-        # registers: smaller tiles over 8 warps keep them from spilling.
-        return (64, 32, 8, 2) if block_d <= 128 else (32, 16, 8, 2)
+        # registers: at most 64 x 32 tiles over 8 warps, which do not spill.
+        if block_d > 128:
+            return 32, 16, 8, 2
+        if programs_64 <= 64:  # under half the SMs busy with 64-row blocks
+            return (16, 16, 4, 1) if max_seqlen <= 16 else (16, 32, 2, 2)
+        if programs_64 <= 2 * _SM_COUNT:
+            return 32, 16, 2, 2
+        return 64, 32, 8, 2
     if block_d <= 128:
-        if max_seqlen <= 64:
-            # Short sequences (most BERT inputs once unpadded) would leave most of a 128-row
-            # tile idle; one warpgroup on 64 rows halves the waste and doubles the programs.
+        if max_seqlen <= 64 or programs_128 <= 48:
+            # Short sequences (most BERT inputs once unpadded), or too few of them to fill the
+            # SMs, would leave most of a 128-row tile idle; one warpgroup on 64 rows halves the
+            # waste and doubles the programs.
             return 64, 64, 4, 3
         # Two warpgroups, 64 query rows each (the wgmma M); 4 warps on 128 rows would need
         # every one of the 255 registers.
@@ -330,7 +361,9 @@ def attention(
     if batch == 0 or max_seqlen == 0 or rows == 0:
         return out
     block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs K >= 16
-    block_m, block_n, num_warps, num_stages = _launch_config(block_d, dtype, max_seqlen)
+    block_m, block_n, num_warps, num_stages = _launch_config(
+        block_d, dtype, max_seqlen, batch * num_heads
+    )
     grid = (batch * num_heads, triton.cdiv(max_seqlen, block_m))
     if grid[1] > _MAX_GRID_Y:
         raise ValueError(

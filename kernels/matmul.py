@@ -84,10 +84,16 @@ _SM_COUNT = 132
 # Up to this many rows a GEMM is bound by reading its weight, which a PDL launch prefetches into
 # L2 while the previous kernel finishes; beyond it each weight tile is reused by many row tiles.
 _PREFETCH_MAX_M = 256
-# Whether the fp32 kernel launches with PDL (16-bit kernels do where PDL is on). Measured on an
-# H200, BERT-base fp32 at 2 x 16 with the same GEMM configs: 1.91 ms per call with PDL, 1.36 ms
-# without (the weight prefetch made no difference; docs/performance.md).
-FP32_PDL = False
+# How the fp32 kernel launches where PDL is on (16-bit kernels launch with it in full):
+# - "off": a plain launch;
+# - "wait": a PDL launch that may start (and prefetch its weight) while the previous kernel
+#   runs, but lets the next kernel start only once it has finished;
+# - "on": as the 16-bit kernels, which let the next kernel's programs be scheduled as soon as
+#   every one of their own has passed its wait.
+# Measured on an H200, BERT-base fp32 at 2 x 16 with the same GEMM configs: 1.91 ms per call
+# "on", 1.36 ms "off" (the weight prefetch made no difference; docs/performance.md).
+FP32_PDL = "off"
+_FP32_PDL_MODES = ("off", "wait", "on")
 # Up to this many rows (the row bucket, `m_bucket`), `_linear_kernel` reads its epilogue at run
 # time: one compilation per tile for every epilogue of a model, where each new shape bucket's
 # candidates are most of what its first call compiles (BERT-base fp16 on an H200: 47 kernels at
@@ -340,6 +346,7 @@ def _linear_kernel(
     PREFETCH: tl.constexpr = False,
     PF_LINES: tl.constexpr = 1,
     PF_STEP: tl.constexpr = 64,
+    PDL_TRIGGER: tl.constexpr = True,
 ):
     # Programs walk the output in column-major super-blocks of GROUP_M row tiles, so the weight
     # tiles a wave of programs reads are shared through L2 instead of streamed once per row.
@@ -390,7 +397,10 @@ def _linear_kernel(
             pf = w_ptr + k_pf[:, None] + cols[None, :] * stride_wn
             _pdl.prefetch_l2(tl.where(k_pf[:, None] < K, pf, w_ptr))
     if PDL:
-        _pdl.wait_for_previous()
+        if PDL_TRIGGER:
+            _pdl.wait_for_previous()
+        else:
+            _pdl.wait_only()  # the next kernel starts when this one has finished
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kk in range(k_first, k_end):
@@ -791,7 +801,16 @@ def linear(
         counters = _tile_counters(x.device, tiles)
     bucket = m_bucket(m)
     runtime_epilogue = bucket <= _RUNTIME_EPILOGUE_MAX_M
-    pdl = _pdl.options(x.device) if x.dtype != torch.float32 or FP32_PDL else {"PDL": False}
+    if x.dtype != torch.float32 or FP32_PDL == "on":
+        pdl = _pdl.options(x.device)
+    elif FP32_PDL == "wait":
+        pdl = _pdl.options(x.device)
+        if pdl["PDL"]:
+            pdl["PDL_TRIGGER"] = False
+    elif FP32_PDL == "off":
+        pdl = {"PDL": False}
+    else:
+        raise ValueError(f"matmul.FP32_PDL is {FP32_PDL!r}; set one of {_FP32_PDL_MODES}.")
     if pdl["PDL"] and PREFETCH_WEIGHTS and bucket <= _PREFETCH_MAX_M:
         step = 128 // x.element_size()
         pdl.update(PREFETCH=True, PF_STEP=step, PF_LINES=max(config.block_k // step, 1))

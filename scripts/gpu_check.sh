@@ -7,7 +7,8 @@
 # or else WHEELS/minilm-fp16 (what gpu-wheels.sh --minilm writes), is used for the dataset pass.
 # Prints a short table last.
 #
-#   bash scripts/gpu_check.sh [install|tests|bench|full|archs|profile|host|levers|gemm|epilogue|
+#   bash scripts/gpu_check.sh [install|tests|bench|full|archs|profile|host|levers|gemm|attention|
+#                              epilogue|
 #                              timeline|tunetime|firstcalls|minilm|
 #                              quicktour|soak|all]
 #                             [options...]
@@ -29,6 +30,8 @@
 # levers: the gain of each lever (scripts/levers.py; options go to it)
 # gemm:  BERT-base's GEMMs, the best configuration of each backend (scripts/gemm_bench.py;
 #        options go to it)
+# attention: the attention kernel alone, launch configurations side by side at BERT-base's
+#        shapes (scripts/attention_bench.py; options go to it)
 # epilogue: what the FFN up GEMM's GELU costs per kernel and tile
 #        (scripts/epilogue_cost.py; options go to it)
 # timeline: one call kernel by kernel, with and without the TMA GEMM at every row count, and
@@ -104,6 +107,9 @@ if [[ $mode == host ]]; then
 fi
 if [[ $mode == levers ]]; then
   python3 "$OLDPWD/scripts/levers.py" --output levers "$@" || status=1
+fi
+if [[ $mode == attention ]]; then
+  python3 "$OLDPWD/scripts/attention_bench.py" --output attention.json "$@" || status=1
 fi
 if [[ $mode == gemm ]]; then
   python3 "$OLDPWD/scripts/gemm_bench.py" --output gemm.json "$@" || status=1

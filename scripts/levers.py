@@ -4,7 +4,7 @@ Runs ``optimum_disc.benchmark`` in this process for one peer (``--peer``, defaul
 BERT-base with the ``bert-base-multilingual-uncased`` configuration, random weights) once with
 every lever on and once per lever with that lever off (the GEMM configurations tuned for the
 baseline are kept for the levers that do not change the tuner: pdl, cuda_graphs,
-remove_padding, prefetch, fp32_gemm_without_pdl), then prints one
+remove_padding, prefetch, fp32_gemm_pdl_*), then prints one
 markdown table: latency per shape (and the data-set pass with ``--dataset``), each variant
 beside the baseline.
 
@@ -18,8 +18,13 @@ Levers:
   cuda_graphs    CUDA graphs per shape bucket (off: every kernel launched from Python)
   remove_padding token-wise work on real tokens only (only the data-set pass has padding)
   prefetch       (not in the default list) a PDL GEMM of few rows prefetches its weight slice
-  fp32_gemm_without_pdl
-                 (not in the default list) fp32 GEMMs launch without PDL
+  attention_small_blocks
+                 (not in the default list) smaller attention blocks where few (sequence, head)
+                 pairs would leave SMs idle (off: the blocks of before, by dtype and length)
+  fp32_gemm_pdl_off, fp32_gemm_pdl_wait, fp32_gemm_pdl_on
+                 (not in the default list) fp32 GEMMs launch as `matmul.FP32_PDL` says: without
+                 PDL, with PDL but letting the next kernel start only at their end, or with PDL
+                 as the 16-bit ones
 
     python scripts/levers.py --shapes 2x16,1x128,32x128 --levers split_k,cublas --output levers
 """
@@ -35,15 +40,32 @@ from pathlib import Path
 
 LEVERS = ("pdl", "split_k", "cublas", "tma", "autotune", "cuda_graphs", "remove_padding")
 # Levers of one kernel, not in the default list: the L2 prefetch of a PDL GEMM's weight, and
-# fp32 GEMMs launched without PDL (off: with PDL, as the 16-bit ones).
-MORE_LEVERS = ("prefetch", "fp32_gemm_without_pdl")
+# how fp32 GEMMs launch (`matmul.FP32_PDL`; the variant that is the default is the baseline).
+MORE_LEVERS = (
+    "prefetch",
+    "fp32_gemm_pdl_off",
+    "fp32_gemm_pdl_wait",
+    "fp32_gemm_pdl_on",
+    "attention_small_blocks",
+)
+
+
+def _attention_config_before(block_d, dtype, max_seqlen, batch_heads):
+    """The attention kernel's blocks before they depended on the number of programs."""
+    import torch
+
+    if dtype == torch.float32:
+        return (64, 32, 8, 2) if block_d <= 128 else (32, 16, 8, 2)
+    if block_d <= 128:
+        return (64, 64, 4, 3) if max_seqlen <= 64 else (128, 64, 8, 3)
+    return 64, 64, 8, 2
 
 
 @contextlib.contextmanager
 def lever_off(name: str):
     """Settings overrides for the benchmark, with the process patched as the lever needs."""
     from optimum_disc.compiler import runtime
-    from optimum_disc.kernels import matmul
+    from optimum_disc.kernels import attention, matmul
 
     saved = {}
     settings = {}
@@ -64,9 +86,14 @@ def lever_off(name: str):
     elif name == "prefetch":
         saved = {"PREFETCH_WEIGHTS": matmul.PREFETCH_WEIGHTS}
         matmul.PREFETCH_WEIGHTS = False
-    elif name == "fp32_gemm_without_pdl":
+    elif name == "attention_small_blocks":
+        saved_attention = attention._launch_config
+        attention._launch_config = lambda *a: (
+            saved_attention(*a) if attention.interpreted() else _attention_config_before(*a)
+        )
+    elif name.startswith("fp32_gemm_pdl_"):
         saved = {"FP32_PDL": matmul.FP32_PDL}
-        matmul.FP32_PDL = True
+        matmul.FP32_PDL = name.removeprefix("fp32_gemm_pdl_")
     elif name in ("autotune", "cuda_graphs", "remove_padding"):
         settings = {name: False}
     elif name != "baseline":
@@ -79,6 +106,8 @@ def lever_off(name: str):
     finally:
         for attr, value in saved.items():
             setattr(matmul, attr, value)
+        if name == "attention_small_blocks":
+            attention._launch_config = saved_attention
         if env is None:
             os.environ.pop("OPTIMUM_DISC_PDL", None)
         else:

@@ -54,6 +54,16 @@ CASES = [
 ]
 
 GPU_CASES = [
+    # Few short sequences take the smallest blocks (kernels/attention.py, `_launch_config`):
+    # 24 (sequence, head) pairs of 16 rows, and 12 of 128.
+    pytest.param(
+        Case((16, 16), 12, 64, layout="packed", key_valid="random"),
+        id="b2-s16-h12-d64",
+        marks=pytest.mark.gpu,
+    ),
+    pytest.param(
+        Case((128,), 12, 64, layout="packed"), id="b1-s128-h12-d64", marks=pytest.mark.gpu
+    ),
     pytest.param(Case((512,), 2, 64), id="len512", marks=pytest.mark.gpu),
     pytest.param(
         Case((128,) * 32, 12, 64, layout="packed"), id="b32-s128-h12-d64", marks=pytest.mark.gpu

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from optimum_disc.kernels import launch
+from optimum_disc.kernels import launch, matmul
 from optimum_disc.kernels.attention import attention
 from optimum_disc.kernels.layernorm import layer_norm
 from optimum_disc.kernels.matmul import GemmConfig, default_config, linear
@@ -81,11 +81,22 @@ def _layers(rows, hidden, ffn, heads, depth, dtype, device):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("rows", [24, 1000])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_pdl_chain_matches_plain_launches(rows, dtype, device, seed, monkeypatch):
+@pytest.mark.parametrize(
+    "dtype, fp32_pdl",
+    # fp32 GEMMs launch as `matmul.FP32_PDL` says; every way must give the same bits.
+    [
+        (torch.float32, "off"),
+        (torch.float32, "wait"),
+        (torch.float32, "on"),
+        (torch.float16, "off"),
+    ],
+    ids=["fp32-gemm-plain", "fp32-gemm-pdl-wait", "fp32-gemm-pdl", "fp16"],
+)
+def test_pdl_chain_matches_plain_launches(rows, dtype, fp32_pdl, device, seed, monkeypatch):
     dev = torch.device(device)
     if not launch.enabled(dev):
         pytest.skip("programmatic dependent launch needs a GPU of compute capability 9.0+")
+    monkeypatch.setattr(matmul, "FP32_PDL", fp32_pdl)
     hidden, ffn, heads, depth = 128, 512, 4, 6
     run = _layers(rows, hidden, ffn, heads, depth, dtype, device)
     lengths = [rows // 3, rows // 3, rows - 2 * (rows // 3)]

@@ -156,6 +156,13 @@ def test_linear_in_place_residual(device, seed):
     _check(y, ref, seed, "out=residual")
 
 
+def test_unknown_fp32_pdl_mode_is_refused(monkeypatch, device):
+    monkeypatch.setattr(matmul, "FP32_PDL", "sometimes")
+    x, w = torch.randn(4, 32, device=device), torch.randn(16, 32, device=device)
+    with pytest.raises(ValueError, match=r"FP32_PDL is 'sometimes'.*'off', 'wait', 'on'"):
+        linear(x, w)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_linear_explicit_config(dtype, device, seed):
     """Small group_m and block_k: several partial row groups and a K tail in every program."""
