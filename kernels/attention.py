@@ -47,7 +47,7 @@ TOLERANCES = {
 
 _LOG2E = 1.4426950408889634
 _MAX_GRID_Y = 65535  # CUDA's limit on the second grid axis, which counts query blocks
-# SMs of an H100 or H200 SXM: where fewer programs than this would run, smaller blocks pay.
+# SMs of an H100 or H200 SXM: fp32 launches of few programs take smaller blocks.
 _SM_COUNT = 132
 
 
@@ -165,43 +165,33 @@ def _launch_config(
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for one head width, dtype, longest sequence and
     number of (sequence, head) pairs.
 
-    Few pairs of short sequences leave most SMs idle with large query blocks, so those take
-    smaller ones: more programs, and less of each tile spent past the sequence's end. Measured
-    on an H200 with BERT-base's 12 heads of 64 channels (`scripts/attention_bench.py`,
-    docs/performance.md), microseconds per launch:
-
-    ========  =================================  ==================================
-    shape     fp32 (before: 64 x 32, 8 warps)    fp16 (before: 128 x 64 above 64 rows)
-    ========  =================================  ==================================
-    2 x 16    3.0 (8.0)                          2.5 (unchanged)
-    1 x 128   11.3 (26.9)                        3.3 (4.2)
-    8 x 128   42.3 (50.0)                        4.5 (unchanged)
-    ========  =================================  ==================================
-
-    From 32 x 128 on, both keep their large blocks, which were the fastest there.
+    fp32 attention of few short sequences takes small query blocks: more programs where 64-row
+    blocks would leave most SMs idle, and less of each tile spent past the sequence's end. On an
+    H200, BERT-base fp32 (12 heads of 64 channels; docs/performance.md): 8.0 -> 3.0 us per
+    launch at 2 x 16 and 26.9 -> 11.3 us at 1 x 128 (`scripts/attention_bench.py`); per call
+    1.217 -> 1.174 ms and 2.387 -> 2.208 ms (`scripts/levers.py`, ``attention_small_blocks``).
+    Smaller blocks were faster alone in two more places, and not in the model: fp32 at 8 x 128
+    (32 x 16 blocks, 42 against 50 us alone, 6.657 against 6.670 ms per call) and fp16 at
+    1 x 128 (64 rows, 3.3 against 4.2 us alone, 0.492 against 0.486 ms per call); those keep
+    their blocks.
     """
     if interpreted():
         # The interpreter runs each program in numpy: small tiles keep CPU tests quick and make
         # short test sequences cross several query and key blocks.
         return 16, 16, 4, 1
-    # Programs of 64 and of 128 query rows the launch would have.
-    programs_64 = batch_heads * triton.cdiv(max_seqlen, 64)
-    programs_128 = batch_heads * triton.cdiv(max_seqlen, 128)
     if dtype == torch.float32:
         # "ieee" fp32 dots run on the FMA units, not the tensor cores, with their operands in
         # registers: at most 64 x 32 tiles over 8 warps, which do not spill.
         if block_d > 128:
             return 32, 16, 8, 2
-        if programs_64 <= 64:  # under half the SMs busy with 64-row blocks
+        if batch_heads * triton.cdiv(max_seqlen, 64) <= _SM_COUNT // 2:
+            # Under half the SMs would be busy with 64-row blocks.
             return (16, 16, 4, 1) if max_seqlen <= 16 else (16, 32, 2, 2)
-        if programs_64 <= 2 * _SM_COUNT:
-            return 32, 16, 2, 2
         return 64, 32, 8, 2
     if block_d <= 128:
-        if max_seqlen <= 64 or programs_128 <= 48:
-            # Short sequences (most BERT inputs once unpadded), or too few of them to fill the
-            # SMs, would leave most of a 128-row tile idle; one warpgroup on 64 rows halves the
-            # waste and doubles the programs.
+        if max_seqlen <= 64:
+            # Short sequences (most BERT inputs once unpadded) would leave most of a 128-row
+            # tile idle; one warpgroup on 64 rows halves the waste and doubles the programs.
             return 64, 64, 4, 3
         # Two warpgroups, 64 query rows each (the wgmma M); 4 warps on 128 rows would need
         # every one of the 255 registers.

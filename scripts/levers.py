@@ -19,8 +19,8 @@ Levers:
   remove_padding token-wise work on real tokens only (only the data-set pass has padding)
   prefetch       (not in the default list) a PDL GEMM of few rows prefetches its weight slice
   attention_small_blocks
-                 (not in the default list) smaller attention blocks where few (sequence, head)
-                 pairs would leave SMs idle (off: the blocks of before, by dtype and length)
+                 (not in the default list) smaller fp32 attention blocks where few (sequence,
+                 head) pairs would leave SMs idle (off: 64 x 32 blocks at every length)
   fp32_gemm_pdl_off, fp32_gemm_pdl_wait, fp32_gemm_pdl_on
                  (not in the default list) fp32 GEMMs launch as `matmul.FP32_PDL` says: without
                  PDL, with PDL but letting the next kernel start only at their end, or with PDL
@@ -50,20 +50,11 @@ MORE_LEVERS = (
 )
 
 
-def _attention_config_before(block_d, dtype, max_seqlen, batch_heads):
-    """The attention kernel's blocks before they depended on the number of programs."""
-    import torch
-
-    if dtype == torch.float32:
-        return (64, 32, 8, 2) if block_d <= 128 else (32, 16, 8, 2)
-    if block_d <= 128:
-        return (64, 64, 4, 3) if max_seqlen <= 64 else (128, 64, 8, 3)
-    return 64, 64, 8, 2
-
-
 @contextlib.contextmanager
 def lever_off(name: str):
     """Settings overrides for the benchmark, with the process patched as the lever needs."""
+    import torch
+
     from optimum_disc.compiler import runtime
     from optimum_disc.kernels import attention, matmul
 
@@ -88,9 +79,14 @@ def lever_off(name: str):
         matmul.PREFETCH_WEIGHTS = False
     elif name == "attention_small_blocks":
         saved_attention = attention._launch_config
-        attention._launch_config = lambda *a: (
-            saved_attention(*a) if attention.interpreted() else _attention_config_before(*a)
-        )
+
+        def blocks_before(block_d, dtype, max_seqlen, batch_heads):
+            # fp32: 64 x 32 blocks over 8 warps at every length, as before the change.
+            if dtype == torch.float32 and block_d <= 128 and not attention.interpreted():
+                return 64, 32, 8, 2
+            return saved_attention(block_d, dtype, max_seqlen, batch_heads)
+
+        attention._launch_config = blocks_before
     elif name.startswith("fp32_gemm_pdl_"):
         saved = {"FP32_PDL": matmul.FP32_PDL}
         matmul.FP32_PDL = name.removeprefix("fp32_gemm_pdl_")

@@ -54,7 +54,7 @@ CASES = [
 ]
 
 GPU_CASES = [
-    # Few short sequences take the smallest blocks (kernels/attention.py, `_launch_config`):
+    # fp32 attention of few short sequences takes small blocks (`attention._launch_config`):
     # 24 (sequence, head) pairs of 16 rows, and 12 of 128.
     pytest.param(
         Case((16, 16), 12, 64, layout="packed", key_valid="random"),
