@@ -90,8 +90,8 @@ _PREFETCH_MAX_M = 256
 #   runs, but lets the next kernel start only once it has finished;
 # - "on": as the 16-bit kernels, which let the next kernel's programs be scheduled as soon as
 #   every one of their own has passed its wait.
-# Measured on an H200, BERT-base fp32 at 2 x 16 with the same GEMM configs: 1.91 ms per call
-# "on", 1.36 ms "off" (the weight prefetch made no difference; docs/performance.md).
+# Measured on an H200, BERT-base fp32 at 2 x 16 with the same GEMM configs, in one process:
+# 1.169 ms per call "off", 1.240 ms "wait", 1.375 ms "on" (docs/performance.md).
 FP32_PDL = "off"
 _FP32_PDL_MODES = ("off", "wait", "on")
 # Up to this many rows (the row bucket, `m_bucket`), `_linear_kernel` reads its epilogue at run

@@ -84,7 +84,7 @@ def main(argv=None) -> int:
             q, k, v = qkv[:, :HIDDEN], qkv[:, HIDDEN : 2 * HIDDEN], qkv[:, 2 * HIDDEN :]
             cu = torch.arange(0, rows + 1, seq, dtype=torch.int32, device=device)
             out = torch.empty(rows, HIDDEN, dtype=dtype, device=device)
-            shipped = shipped_config(64, dtype, seq)
+            shipped = shipped_config(64, dtype, seq, batch * HEADS)
             args_ = (q, k, v, cu, seq, HEADS, 64, 0.125)
             timed = []
             for cfg in _grid(dtype) + ([shipped] if shipped not in _grid(dtype) else []):
