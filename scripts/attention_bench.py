@@ -36,26 +36,13 @@ def _grid(dtype: torch.dtype) -> list[tuple[int, int, int, int]]:
 
 def _time(fn, device) -> float:
     """Milliseconds per launch: a CUDA graph of LAUNCHES launches, median of 10 replays."""
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        fn()  # compile and warm up outside the capture
-    torch.cuda.current_stream(device).wait_stream(stream)
-    torch.cuda.synchronize(device)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    from optimum_disc.kernels.matmul import _time_in_graph
+
+    def launches():
         for _ in range(LAUNCHES):
             fn()
-    graph.replay()
-    times = []
-    for _ in range(10):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / LAUNCHES)
-    return sorted(times)[len(times) // 2]
+
+    return _time_in_graph(launches, device, replays=10) / LAUNCHES
 
 
 def main(argv=None) -> int:
