@@ -1254,22 +1254,14 @@ _TMA_CANDIDATES = (
 )
 
 
-# Whether the tuner also times the warp-specialized persistent kernel (backend "tma_ws"). Off:
-# on an H200 with Triton 3.6, tuning with it as a candidate did not return (a GEMM of 2,048 rows
-# timed in a CUDA graph with PDL launches), while its direct launches in the kernel tests
-# completed; until the cause is known it runs only where a config names it.
-TMA_WS = False
-
-
 def _tma_ws_candidates() -> tuple[tuple[int, ...], ...]:
     """Tiles of the warp-specialized persistent kernel (backend "tma_ws") that Triton compiles
     for sm_90, by Triton version: programs of 4 warps (Triton specializes no other count on
     Hopper). Triton 3.6 compiles each of these; 3.9 only 64 x 128 (for 128-row tiles its
     specialization pass splits the rows between two consumer groups and then refuses the
-    host-side descriptor's 128-row block). Versions before 3.6 are not offered the kernel, nor
-    any while `TMA_WS` is off."""
+    host-side descriptor's 128-row block). Versions before 3.6 are not offered the kernel."""
     version = tuple(int(p) for p in triton.__version__.split(".")[:2] if p.isdigit())
-    if not TMA_WS or version < (3, 6):
+    if version < (3, 6):
         return ()
     if version == (3, 6):
         return (

@@ -14,6 +14,7 @@ Levers:
   split_k        split-K GEMM configs (tuner candidates, and the default for few rows, long K)
   cublas         cuBLAS as a tuner candidate beside the Triton GEMM
   tma            the persistent TMA GEMM as a tuner candidate (16-bit, at least 512 rows)
+  tma_ws         its warp-specialized form as a tuner candidate (16-bit, at least 512 rows)
   autotune       GEMM block shapes timed per shape bucket (off: the built-in heuristic)
   cuda_graphs    CUDA graphs per shape bucket (off: every kernel launched from Python)
   remove_padding token-wise work on real tokens only (only the data-set pass has padding)
@@ -21,8 +22,6 @@ Levers:
   attention_small_blocks
                  (not in the default list) smaller fp32 attention blocks where few (sequence,
                  head) pairs would leave SMs idle (off: 64 x 32 blocks at every length)
-  tma_ws_on      (not in the default list) the warp-specialized persistent TMA GEMM as a tuner
-                 candidate too (`matmul.TMA_WS`, off by default)
   fp32_gemm_pdl_off, fp32_gemm_pdl_wait, fp32_gemm_pdl_on
                  (not in the default list) fp32 GEMMs launch as `matmul.FP32_PDL` says: without
                  PDL, with PDL but letting the next kernel start only at their end, or with PDL
@@ -45,6 +44,7 @@ LEVERS = (
     "split_k",
     "cublas",
     "tma",
+    "tma_ws",
     "autotune",
     "cuda_graphs",
     "remove_padding",
@@ -57,11 +57,10 @@ MORE_LEVERS = (
     "fp32_gemm_pdl_wait",
     "fp32_gemm_pdl_on",
     "attention_small_blocks",
-    "tma_ws_on",
 )
 
 # Levers that change what the tuner may choose: each variant tunes afresh.
-_RETUNE = ("split_k", "cublas", "tma", "tma_ws_on", "autotune")
+_RETUNE = ("split_k", "cublas", "tma", "tma_ws", "autotune")
 
 
 @contextlib.contextmanager
@@ -84,10 +83,7 @@ def lever_off(name: str):
         }
         matmul._SPLIT_K_CANDIDATES = {key: () for key in matmul._SPLIT_K_CANDIDATES}
         matmul._default_split_k = lambda cfg, m, n, k: cfg
-    elif name == "tma_ws_on":
-        saved = {"TMA_WS": matmul.TMA_WS}
-        matmul.TMA_WS = True
-    elif name in ("cublas", "tma"):
+    elif name in ("cublas", "tma", "tma_ws"):
         saved = {"tuning_candidates": matmul.tuning_candidates}
         real = matmul.tuning_candidates
         matmul.tuning_candidates = lambda *a: [c for c in real(*a) if c.backend != name]

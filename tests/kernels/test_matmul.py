@@ -10,7 +10,6 @@ import random
 
 import pytest
 import torch
-import triton
 
 from optimum_disc.kernels import interpreted, matmul
 from optimum_disc.kernels.matmul import (
@@ -463,8 +462,6 @@ def test_m_bucket():
         m_bucket(-1)
 
 
-_TRITON = tuple(int(p) for p in triton.__version__.split(".")[:2])
-
 # BERT-base/large shapes: QKV, attention output, FFN up and down, pooler, classifiers.
 _BERT_NK = [(2304, 768), (768, 768), (3072, 768), (768, 3072), (3072, 1024), (1024, 4096)]
 _BERT_NK += [(2, 768), (3, 768), (5, 768)]
@@ -490,12 +487,9 @@ def test_gpu_heuristics_fit_hopper(dtype, monkeypatch):
         # The persistent TMA kernel: 16-bit inputs and at least 512 rows only.
         tma = any(c.backend == "tma" for c in cands)
         assert tma == (dtype != torch.float32 and m_bucket(m) >= 512), f"M={m} {dtype}"
-        assert not any(c.backend == "tma_ws" for c in cands), "tma_ws is opt-in (TMA_WS)"
-        monkeypatch.setattr(matmul, "TMA_WS", True)
-        ws = [c for c in candidate_configs(m, n, k, dtype) if c.backend == "tma_ws"]
-        monkeypatch.setattr(matmul, "TMA_WS", False)
-        assert bool(ws) == (tma and _TRITON >= (3, 6)), f"M={m} {dtype}"
-        assert all(c.num_warps == 4 and c.smem_bytes(dtype) <= 200 * 1024 for c in ws), ws
+        ws = [c for c in cands if c.backend == "tma_ws"]
+        assert bool(ws) == (tma and bool(matmul._tma_ws_candidates())), f"M={m} {dtype}"
+        assert all(c.num_warps == 4 for c in ws), ws
         no_tma = candidate_configs(m, n, k, dtype, tma=False)
         assert not any(c.backend in ("tma", "tma_ws") for c in no_tma)
         if m >= 4096 and n >= 768 and dtype != torch.float32:
