@@ -110,7 +110,7 @@ PREFETCH_WEIGHTS = True
 FP32_DOT = "ieee"
 
 
-BACKENDS = ("triton", "tma", "tma_ws", "cublas")
+BACKENDS = ("triton", "tma", "cublas")
 
 
 @dataclass(frozen=True)
@@ -130,10 +130,7 @@ class GemmConfig:
     num_stages: int
     # "triton": the kernel of this file with the tiles above; "tma": the persistent kernel that
     # loads its tiles through TMA descriptors (16-bit inputs on Hopper and newer; elsewhere it
-    # runs as "triton"); "tma_ws": the same persistent kernel, warp-specialized (one warp group
-    # issues the TMA loads, one the tensor-core products, the kernel's own warps the epilogue,
-    # so a tile's epilogue runs beside the next tile's products); "cublas": the vendor library
-    # through torch (the tiles are unused),
+    # runs as "triton"); "cublas": the vendor library through torch (the tiles are unused),
     # with the epilogue as separate torch ops. The tuner times them all, since cuBLAS wins some
     # shapes (fp32 above all, where this kernel runs on FMA).
     backend: str = "triton"
@@ -146,10 +143,8 @@ class GemmConfig:
             raise ValueError(
                 f"GemmConfig.backend={self.backend!r}: use one of {', '.join(map(repr, BACKENDS))}"
             )
-        if self.backend in ("tma", "tma_ws") and self.split_k != 1:
-            raise ValueError(
-                f"GemmConfig.split_k must be 1 with backend={self.backend!r} (it is persistent)"
-            )
+        if self.backend == "tma" and self.split_k != 1:
+            raise ValueError("GemmConfig.split_k must be 1 with backend='tma' (it is persistent)")
         for name in ("block_m", "block_n", "block_k"):
             v = getattr(self, name)
             # tl.dot needs every dimension to be a power of two of at least 16.
@@ -534,7 +529,6 @@ def _linear_tma_kernel(
     TMA_STORE: tl.constexpr,
     PDL: tl.constexpr = False,
     LET_NEXT_START_AT_END: tl.constexpr = False,
-    WARP_SPECIALIZE: tl.constexpr = False,
 ):
     # Persistent: program p computes tiles p, p + NUM_PROGRAMS, ... in the order of
     # `_tile_of`. The tile loop and the K loop are flattened into one software pipeline, so the
@@ -554,24 +548,40 @@ def _linear_tma_kernel(
             _pdl.wait_only()
         else:
             _pdl.wait_for_previous()
-    if WARP_SPECIALIZE:
-        # The tile loop split between warp groups (Triton's warp specialization, which on Hopper
-        # takes a loop over tiles that is not flattened and a program of 4 warps): a producer
-        # group issues the TMA loads, a consumer group runs the products of tile t + 1 while the
-        # program's own warps run the epilogue of tile t. Output tiles leave through per-thread
-        # stores (Triton 3.6 does not compile a TMA store in a specialized loop).
-        for tile in tl.range(start, num_tiles, NUM_PROGRAMS, flatten=False, warp_specialize=True):
-            pid_m, pid_n = _tile_of(tile, num_pid_m, num_pid_n, GROUP_M)
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for kk in range(k_tiles):
-                a = x_desc.load([pid_m * BLOCK_M, kk * BLOCK_K])
-                b = w_desc.load([pid_n * BLOCK_N, kk * BLOCK_K])
-                if UPCAST:
-                    acc = tl.dot(a.to(tl.float32), b.to(tl.float32).T, acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(a, b.T, acc)
-            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # The epilogue's tile is counted apart from the loop's, so that it does not keep the loop
+    # variable alive across the flattened pipeline's stages.
+    tile_out = start - NUM_PROGRAMS
+    for tile in tl.range(start, num_tiles, NUM_PROGRAMS, flatten=True):
+        pid_m, pid_n = _tile_of(tile, num_pid_m, num_pid_n, GROUP_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kk in range(k_tiles):
+            a = x_desc.load([pid_m * BLOCK_M, kk * BLOCK_K])
+            b = w_desc.load([pid_n * BLOCK_N, kk * BLOCK_K])
+            if UPCAST:
+                # As in `_linear_kernel`: the interpreter's bf16 dot, made exact.
+                acc = tl.dot(a.to(tl.float32), b.to(tl.float32).T, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b.T, acc)
+        tile_out += NUM_PROGRAMS
+        pid_m, pid_n = _tile_of(tile_out, num_pid_m, num_pid_n, GROUP_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        if TMA_STORE:
+            acc = _finish(
+                acc,
+                offs_m,
+                offs_n,
+                M,
+                N,
+                b_ptr,
+                r_ptr,
+                stride_rm,
+                HAS_BIAS,
+                HAS_RESIDUAL,
+                ACTIVATION,
+            )
+            y_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(y_desc.dtype))
+        else:
             _epilogue(
                 acc,
                 offs_m,
@@ -587,56 +597,6 @@ def _linear_tma_kernel(
                 HAS_RESIDUAL,
                 ACTIVATION,
             )
-    else:
-        # The epilogue's tile is counted apart from the loop's, so that it does not keep the loop
-        # variable alive across the flattened pipeline's stages.
-        tile_out = start - NUM_PROGRAMS
-        for tile in tl.range(start, num_tiles, NUM_PROGRAMS, flatten=True):
-            pid_m, pid_n = _tile_of(tile, num_pid_m, num_pid_n, GROUP_M)
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for kk in range(k_tiles):
-                a = x_desc.load([pid_m * BLOCK_M, kk * BLOCK_K])
-                b = w_desc.load([pid_n * BLOCK_N, kk * BLOCK_K])
-                if UPCAST:
-                    # As in `_linear_kernel`: the interpreter's bf16 dot, made exact.
-                    acc = tl.dot(a.to(tl.float32), b.to(tl.float32).T, acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(a, b.T, acc)
-            tile_out += NUM_PROGRAMS
-            pid_m, pid_n = _tile_of(tile_out, num_pid_m, num_pid_n, GROUP_M)
-            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            if TMA_STORE:
-                acc = _finish(
-                    acc,
-                    offs_m,
-                    offs_n,
-                    M,
-                    N,
-                    b_ptr,
-                    r_ptr,
-                    stride_rm,
-                    HAS_BIAS,
-                    HAS_RESIDUAL,
-                    ACTIVATION,
-                )
-                y_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(y_desc.dtype))
-            else:
-                _epilogue(
-                    acc,
-                    offs_m,
-                    offs_n,
-                    M,
-                    N,
-                    b_ptr,
-                    r_ptr,
-                    y_ptr,
-                    stride_rm,
-                    stride_ym,
-                    HAS_BIAS,
-                    HAS_RESIDUAL,
-                    ACTIVATION,
-                )
     if PDL and LET_NEXT_START_AT_END:
         _pdl.let_next_start()
 
@@ -827,7 +787,7 @@ def linear(
             return _linear_cublas(x, weight, bias, activation, residual, out)
     upcast = x.dtype == torch.bfloat16 and interpreted()
     tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
-    if config.backend in ("tma", "tma_ws"):
+    if config.backend == "tma":
         if _tma_fits(x, weight):
             return _linear_tma(x, weight, bias, activation, residual, out, config, tiles, upcast)
         config = replace(config, backend="triton")
@@ -949,13 +909,8 @@ def _linear_tma(x, weight, bias, activation, residual, out, config, tiles, upcas
     # fits beside the operand buffers (128 x 256 x 64 in 3 stages asked for 240 KiB on an H100).
     tile_bytes = bm * bn * out.element_size()
     staged = config.smem_bytes(x.dtype) + tile_bytes * (2 if residual is not None else 1)
-    ws = config.backend == "tma_ws"
     tma_store = (
-        TMA_STORE
-        and not ws
-        and out.element_size() == 2
-        and _tma_aligned(out)
-        and staged <= _SMEM_HARDWARE
+        TMA_STORE and out.element_size() == 2 and _tma_aligned(out) and staged <= _SMEM_HARDWARE
     )
     y_desc = TensorDescriptor(out, [m, n], [out.stride(0), 1], [bm, bn]) if tma_store else None
     _pdl.launcher(_linear_tma_kernel, (min(tiles, programs),))(
@@ -980,7 +935,6 @@ def _linear_tma(x, weight, bias, activation, residual, out, config, tiles, upcas
         GROUP_M=config.group_m,
         NUM_PROGRAMS=programs,
         TMA_STORE=tma_store,
-        WARP_SPECIALIZE=ws,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         **_tma_pdl_options(x.device),
@@ -1254,25 +1208,6 @@ _TMA_CANDIDATES = (
 )
 
 
-def _tma_ws_candidates() -> tuple[tuple[int, ...], ...]:
-    """Tiles of the warp-specialized persistent kernel (backend "tma_ws") that Triton compiles
-    for sm_90, by Triton version: programs of 4 warps (Triton specializes no other count on
-    Hopper). Triton 3.6 compiles each of these; 3.9 only 64 x 128 (for 128-row tiles its
-    specialization pass splits the rows between two consumer groups and then refuses the
-    host-side descriptor's 128-row block). Versions before 3.6 are not offered the kernel."""
-    version = tuple(int(p) for p in triton.__version__.split(".")[:2] if p.isdigit())
-    if version < (3, 6):
-        return ()
-    if version == (3, 6):
-        return (
-            (128, 128, 64, 4, 3),
-            (128, 128, 64, 4, 4),
-            (128, 64, 64, 4, 4),
-            (64, 128, 64, 4, 4),
-        )
-    return ((64, 128, 64, 4, 4),)
-
-
 # GEMMs with fewer output columns than this (a classification head) are not tuned: one column
 # of tiles, latency-bound whatever the tiles, and each new shape bucket would compile every
 # candidate for them (about six kernels per bucket for BERT-base's classifier).
@@ -1293,8 +1228,8 @@ def candidate_configs(
     m: int, n: int, k: int, dtype: torch.dtype, tma: bool = True
 ) -> list[GemmConfig]:
     """Configs worth timing on Hopper for this shape and dtype; the default comes first.
-    ``tma=False`` leaves out the "tma" and "tma_ws" backends (for GPUs older than Hopper), which
-    are only candidates for 16-bit inputs and at least 512 rows.
+    ``tma=False`` leaves out the "tma" backend (for GPUs older than Hopper), which is only
+    a candidate for 16-bit inputs and at least 512 rows.
 
     >>> import torch
     >>> cands = candidate_configs(4096, 768, 768, torch.bfloat16)
@@ -1310,7 +1245,6 @@ def candidate_configs(
         tuples += [(cfg, "triton") for cfg in _SPLIT_K_CANDIDATES[key[0]]]
     elif key[0] == "16bit" and tma and bucket >= _TMA_MIN_ROWS:
         tuples += [(cfg, "tma") for cfg in _TMA_CANDIDATES]
-        tuples += [(cfg, "tma_ws") for cfg in _tma_ws_candidates()]
     for cfg, backend in tuples:
         c = replace(_clamp(cfg, bucket, n, k), backend=backend)
         if c not in found and c.smem_bytes(dtype) <= _SMEM_BUDGET and _split_fits(c, k):

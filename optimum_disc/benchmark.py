@@ -857,7 +857,7 @@ def work_floor_ms(model: torch.nn.Module, tokens: int, pairs: int, precision: st
 def gemm_choices(compiled) -> dict:
     """The GEMM configurations the compiled model holds (its tuning table, filled as each row
     bucket is met): ``{"N x K, rows bucket": "backend BMxBNxBK splitS"}`` (``tma BMxBNxBK``
-    for the persistent TMA kernel, ``tma_ws BMxBNxBK`` for its warp-specialized form)."""
+    for the persistent TMA kernel)."""
     out = {}
     for key, cfg in sorted(getattr(compiled.program, "tuning", {}).items()):
         nk, _, rest = key.split("|", 1)[-1].partition(":")
@@ -869,8 +869,8 @@ def gemm_choices(compiled) -> dict:
             out[f"{nk} m{bucket}"] = "cublas"
         else:
             tiles = "x".join(str(cfg.get(k, "?")) for k in ("block_m", "block_n", "block_k"))
-            if cfg.get("backend") in ("tma", "tma_ws"):
-                out[f"{nk} m{bucket}"] = f"{cfg['backend']} {tiles}"
+            if cfg.get("backend") == "tma":
+                out[f"{nk} m{bucket}"] = f"tma {tiles}"
             else:
                 out[f"{nk} m{bucket}"] = f"triton {tiles} split{cfg.get('split_k', 1)}"
     return out

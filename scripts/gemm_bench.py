@@ -7,9 +7,8 @@ For every row count and BERT-base projection (QKV 2304 x 768, attention output 7
 candidate of the tuner is timed with `matmul.time_candidates` (CUDA graphs of back-to-back
 launches over weights that do not fit in L2) and the fastest of each backend is printed with
 its TFLOP/s: the plain Triton kernel ("triton"), the persistent TMA kernel ("tma"; again with
-its output tiles stored per thread instead of by TMA), the same kernel warp-specialized
-("tma_ws", where the Triton version has it) and cuBLAS with the epilogue as separate kernels
-("cublas"). The last column is the card's floor at
+its output tiles stored per thread instead of by TMA) and cuBLAS with the epilogue as separate
+kernels ("cublas"). The last column is the card's floor at
 750 TFLOP/s (ANCHORS.md).
 """
 
@@ -105,11 +104,8 @@ def main(argv=None) -> int:
     rows = [int(r) for r in args.rows.split(",")]
     results = []
     print(f"device {torch.cuda.get_device_name()} | {args.dtype} | ms per launch (TFLOP/s)")
-    print(
-        "| rows | projection | triton | tma | tma, stores per thread | tma_ws | cublas | best "
-        "| floor |"
-    )
-    print("|---:|---|---:|---:|---:|---:|---:|---|---:|")
+    print("| rows | projection | triton | tma | tma, stores per thread | cublas | best | floor |")
+    print("|---:|---|---:|---:|---:|---:|---|---:|")
     for m in rows:
         for name, n, k, act, res in PROJECTIONS:
             candidates = matmul.tuning_candidates(m, n, k, dtype, device)
@@ -142,8 +138,7 @@ def main(argv=None) -> int:
                 return f"{ms * 1e3:.1f} us ({flop / ms / 1e9:.0f})"
 
             winner = min(
-                (best[b] for b in ("triton", "tma", "tma_ws", "cublas") if b in best),
-                key=lambda cm: cm[1],
+                (best[b] for b in ("triton", "tma", "cublas") if b in best), key=lambda cm: cm[1]
             )[0]
             tiles = f"{winner.block_m}x{winner.block_n}x{winner.block_k}"
             if winner.split_k > 1:
@@ -152,7 +147,7 @@ def main(argv=None) -> int:
             floor_us = flop / (PEAK_TFLOPS * 1e12) * 1e6
             print(
                 f"| {m} | {name} | {cell('triton')} | {cell('tma')} "
-                f"| {cell('tma, stores per thread')} | {cell('tma_ws')} | {cell('cublas')} "
+                f"| {cell('tma, stores per thread')} | {cell('cublas')} "
                 f"| {label} | {floor_us:.1f} us |"
             )
             results.append(

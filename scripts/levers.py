@@ -13,8 +13,7 @@ Levers:
                  while the previous one finishes; Hopper and newer)
   split_k        split-K GEMM configs (tuner candidates, and the default for few rows, long K)
   cublas         cuBLAS as a tuner candidate beside the Triton GEMM
-  tma            the persistent TMA GEMM as a tuner candidate (16-bit, at least 512 rows)
-  tma_ws         its warp-specialized form as a tuner candidate (16-bit, at least 512 rows)
+  tma            the persistent TMA GEMM as a tuner candidate (16-bit, more than 256 rows)
   autotune       GEMM block shapes timed per shape bucket (off: the built-in heuristic)
   cuda_graphs    CUDA graphs per shape bucket (off: every kernel launched from Python)
   remove_padding token-wise work on real tokens only (only the data-set pass has padding)
@@ -39,16 +38,7 @@ import os
 import sys
 from pathlib import Path
 
-LEVERS = (
-    "pdl",
-    "split_k",
-    "cublas",
-    "tma",
-    "tma_ws",
-    "autotune",
-    "cuda_graphs",
-    "remove_padding",
-)
+LEVERS = ("pdl", "split_k", "cublas", "tma", "autotune", "cuda_graphs", "remove_padding")
 # Levers of one kernel, not in the default list: the L2 prefetch of a PDL GEMM's weight, and
 # how fp32 GEMMs launch (`matmul.FP32_PDL`; the variant that is the default is the baseline).
 MORE_LEVERS = (
@@ -58,9 +48,6 @@ MORE_LEVERS = (
     "fp32_gemm_pdl_on",
     "attention_small_blocks",
 )
-
-# Levers that change what the tuner may choose: each variant tunes afresh.
-_RETUNE = ("split_k", "cublas", "tma", "tma_ws", "autotune")
 
 
 @contextlib.contextmanager
@@ -83,7 +70,7 @@ def lever_off(name: str):
         }
         matmul._SPLIT_K_CANDIDATES = {key: () for key in matmul._SPLIT_K_CANDIDATES}
         matmul._default_split_k = lambda cfg, m, n, k: cfg
-    elif name in ("cublas", "tma", "tma_ws"):
+    elif name in ("cublas", "tma"):
         saved = {"tuning_candidates": matmul.tuning_candidates}
         real = matmul.tuning_candidates
         matmul.tuning_candidates = lambda *a: [c for c in real(*a) if c.backend != name]
@@ -108,7 +95,7 @@ def lever_off(name: str):
     elif name != "baseline":
         raise ValueError(f"unknown lever {name!r}; choose among {', '.join(LEVERS + MORE_LEVERS)}")
     matmul._default_config.cache_clear()
-    if name in _RETUNE:
+    if name in ("split_k", "cublas", "tma", "autotune"):
         runtime._TUNED.clear()  # the tuner's choices of another variant must not be reused
     try:
         yield settings
@@ -122,7 +109,7 @@ def lever_off(name: str):
         else:
             os.environ["OPTIMUM_DISC_PDL"] = env
         matmul._default_config.cache_clear()
-        if name in _RETUNE:
+        if name in ("split_k", "cublas", "tma", "autotune"):
             runtime._TUNED.clear()
 
 

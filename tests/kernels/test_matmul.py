@@ -175,30 +175,26 @@ def test_linear_explicit_config(dtype, device, seed):
     _check(y, ref, seed, f"{cfg} {dtype}")
 
 
-def _tma_config(block_m=16, block_n=32, block_k=32, group_m=3, backend="tma") -> GemmConfig:
-    return GemmConfig(
-        block_m, block_n, block_k, group_m, num_warps=4, num_stages=3, backend=backend
-    )
+def _tma_config(block_m=16, block_n=32, block_k=32, group_m=3) -> GemmConfig:
+    return GemmConfig(block_m, block_n, block_k, group_m, num_warps=4, num_stages=3, backend="tma")
 
 
 # The persistent TMA kernel: M = 129 and N = 130 leave partial tiles on both edges (TMA reads
 # them as zeros, the store drops them), K = 40 ends in a partial K block, and 9 x 5 = 45 tiles
 # over the programs (4 on the interpreter, 132 on an H100) give each program several tiles
 # in the interpreter, in the order of partial row groups (group_m = 3). The 16-bit outputs of
-# N = 32 and 96 leave by TMA store, those of N = 130 (rows not 16-byte aligned) per thread;
-# "tma_ws" (the warp-specialized loop) stores every tile per thread.
+# N = 32 and 96 leave by TMA store, those of N = 130 (rows not 16-byte aligned) per thread.
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("m, n, k", [(129, 130, 40), (7, 32, 128), (300, 96, 72)])
 @pytest.mark.parametrize("activation", [None, "gelu", "tanh"])
-@pytest.mark.parametrize("backend", ["tma", "tma_ws"])
-def test_linear_tma(m, n, k, activation, backend, dtype, device, seed):
+def test_linear_tma(m, n, k, activation, dtype, device, seed):
     x, w, b, r = _inputs(m, n, k, dtype, device, residual=activation != "tanh")
     out = _poisoned(m, n, dtype, device)
-    cfg = _tma_config(backend=backend)
+    cfg = _tma_config()
     y = linear(x, w, b, activation=activation, residual=r, out=out, config=cfg)
     ref = linear_reference(x, w, b, activation=activation, residual=r)
     # fp32 runs the plain kernel with the same tiles (TMA is for 16-bit operands).
-    _check(y, ref, seed, f"{backend} M={m} N={n} K={k} {activation} {dtype}")
+    _check(y, ref, seed, f"tma M={m} N={n} K={k} {activation} {dtype}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -426,10 +422,6 @@ def test_gemm_config_round_trip():
     assert GemmConfig.from_dict(tma.to_dict()) == tma
     with pytest.raises(ValueError, match="split_k must be 1 with backend='tma'"):
         GemmConfig(**{**d, "backend": "tma", "split_k": 2})
-    ws = GemmConfig(**{**d, "backend": "tma_ws"})
-    assert GemmConfig.from_dict(ws.to_dict()) == ws
-    with pytest.raises(ValueError, match="split_k must be 1 with backend='tma_ws'"):
-        GemmConfig(**{**d, "backend": "tma_ws", "split_k": 2})
     with pytest.raises(ValueError, match=r"missing keys \['num_stages'\]"):
         GemmConfig.from_dict({k: v for k, v in d.items() if k != "num_stages"})
     with pytest.raises(ValueError, match="block_k=24"):
@@ -487,11 +479,7 @@ def test_gpu_heuristics_fit_hopper(dtype, monkeypatch):
         # The persistent TMA kernel: 16-bit inputs and at least 512 rows only.
         tma = any(c.backend == "tma" for c in cands)
         assert tma == (dtype != torch.float32 and m_bucket(m) >= 512), f"M={m} {dtype}"
-        ws = [c for c in cands if c.backend == "tma_ws"]
-        assert bool(ws) == (tma and bool(matmul._tma_ws_candidates())), f"M={m} {dtype}"
-        assert all(c.num_warps == 4 for c in ws), ws
-        no_tma = candidate_configs(m, n, k, dtype, tma=False)
-        assert not any(c.backend in ("tma", "tma_ws") for c in no_tma)
+        assert not any(c.backend == "tma" for c in candidate_configs(m, n, k, dtype, tma=False))
         if m >= 4096 and n >= 768 and dtype != torch.float32:
             assert default.block_m == 128 and default.block_n == 128, f"{default} for M={m}"
     # BERT-base FFN down at batch 2 x seq 16: a few dozen tiles, so the default splits K.
