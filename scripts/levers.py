@@ -26,6 +26,12 @@ Levers:
                  PDL, with PDL but letting the next kernel start only at their end, or with PDL
                  as the 16-bit ones
 
+Knock-outs (not in the default list; the model's outputs are wrong, the times are the ceiling of
+what removing that work, by fusing it elsewhere at no cost, could gain in the model):
+  no_layernorm   every LayerNorm kernel skipped (the embeddings' fused one stays)
+  no_attention   every attention kernel skipped
+  no_gelu        the GEMMs with a GELU epilogue run without it (tuned for that epilogue)
+
     python scripts/levers.py --shapes 2x16,1x128,32x128 --levers split_k,cublas --output levers
 """
 
@@ -47,6 +53,9 @@ MORE_LEVERS = (
     "fp32_gemm_pdl_wait",
     "fp32_gemm_pdl_on",
     "attention_small_blocks",
+    "no_layernorm",
+    "no_attention",
+    "no_gelu",
 )
 
 
@@ -87,6 +96,19 @@ def lever_off(name: str):
             return saved_attention(block_d, dtype, max_seqlen, batch_heads)
 
         attention._launch_config = blocks_before
+    elif name in ("no_layernorm", "no_attention", "no_gelu"):
+        saved_launch = dict(runtime._LAUNCH)
+        if name == "no_gelu":
+            real_linear = runtime._LAUNCH["linear"]
+
+            def linear_without_gelu(model, a, attrs, out, seq):
+                if attrs.get("activation") == "gelu":
+                    attrs = {**attrs, "activation": None}
+                return real_linear(model, a, attrs, out, seq)
+
+            runtime._LAUNCH["linear"] = linear_without_gelu
+        else:
+            runtime._LAUNCH[name.removeprefix("no_")] = lambda model, a, attrs, out, seq: out
     elif name.startswith("fp32_gemm_pdl_"):
         saved = {"FP32_PDL": matmul.FP32_PDL}
         matmul.FP32_PDL = name.removeprefix("fp32_gemm_pdl_")
@@ -104,6 +126,9 @@ def lever_off(name: str):
             setattr(matmul, attr, value)
         if name == "attention_small_blocks":
             attention._launch_config = saved_attention
+        if name in ("no_layernorm", "no_attention", "no_gelu"):
+            runtime._LAUNCH.clear()
+            runtime._LAUNCH.update(saved_launch)
         if env is None:
             os.environ.pop("OPTIMUM_DISC_PDL", None)
         else:
