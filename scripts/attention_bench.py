@@ -5,10 +5,12 @@
 For each dtype and batch x sequence shape, the packed QKV buffer of BERT-base (12 heads of 64
 channels, every sequence full length, as the model passes it once padding is removed) is
 attended with every (BLOCK_M, BLOCK_N, num_warps, num_stages) of the grid, and the shipped
-choice (`attention._launch_config`) is marked. Each configuration is captured in a CUDA graph of
-back-to-back launches whose replays are timed, so the figure is per launch without the host,
-as inside the model's graph. Configurations that do not compile are reported as such.
-"""
+choice (`attention._launch_config`) is marked. A shape ``BxSrA`` (e.g. ``64x80r27``, a batch of
+the movie-review pass) has sequences of different lengths: one of S tokens, the others drawn at
+random (fixed seed) between 4 and S around a mean of A, packed as the model packs them. Each
+configuration is captured in a CUDA graph of back-to-back launches whose replays are timed, so
+the figure is per launch without the host, as inside the model's graph. Configurations that do
+not compile are reported as such."""
 
 from __future__ import annotations
 
@@ -32,6 +34,21 @@ def _grid(dtype: torch.dtype) -> list[tuple[int, int, int, int]]:
         blocks = [(16, 16), (32, 32), (64, 32), (64, 64), (128, 64)]
         warps, stages = (4, 8), (2, 3)
     return [(bm, bn, w, s) for (bm, bn), w, s in itertools.product(blocks, warps, stages)]
+
+
+def _lengths(shape: str) -> tuple[int, int, list[int]]:
+    """``"8x128"`` -> (8, 128, [128] * 8); ``"64x80r27"`` -> 64 lengths, the first 80, the others
+    drawn between 4 and 80 around a mean of 27 (seed 0)."""
+    batch, rest = shape.split("x")
+    batch = int(batch)
+    if "r" not in rest:
+        return batch, int(rest), [int(rest)] * batch
+    seq, mean = (int(v) for v in rest.split("r"))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        drawn = torch.distributions.Exponential(1.0 / max(mean - 4, 1)).sample((batch - 1,))
+    others = [min(seq, 4 + int(d)) for d in drawn.tolist()]
+    return batch, seq, [seq, *others]
 
 
 def _time(fn, device) -> float:
@@ -65,11 +82,11 @@ def main(argv=None) -> int:
     for name in args.dtype.split(","):
         dtype = getattr(torch, name)
         for shape in args.shapes.split(","):
-            batch, seq = (int(v) for v in shape.split("x"))
-            rows = batch * seq
+            batch, seq, lengths = _lengths(shape)
+            rows = sum(lengths)
             qkv = torch.randn(rows, 3 * HIDDEN, device=device).to(dtype)
             q, k, v = qkv[:, :HIDDEN], qkv[:, HIDDEN : 2 * HIDDEN], qkv[:, 2 * HIDDEN :]
-            cu = torch.arange(0, rows + 1, seq, dtype=torch.int32, device=device)
+            cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
             out = torch.empty(rows, HIDDEN, dtype=dtype, device=device)
             shipped = shipped_config(64, dtype, seq, batch * HEADS)
             args_ = (q, k, v, cu, seq, HEADS, 64, 0.125)
