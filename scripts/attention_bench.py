@@ -31,7 +31,7 @@ def _grid(dtype: torch.dtype) -> list[tuple[int, int, int, int]]:
         blocks = [(16, 16), (16, 32), (32, 16), (32, 32), (64, 32), (64, 64)]
         warps, stages = (2, 4, 8), (1, 2)
     else:
-        blocks = [(16, 16), (32, 32), (64, 32), (64, 64), (128, 64)]
+        blocks = [(16, 16), (16, 64), (32, 32), (32, 64), (64, 32), (64, 64), (128, 64)]
         warps, stages = (4, 8), (2, 3)
     return [(bm, bn, w, s) for (bm, bn), w, s in itertools.product(blocks, warps, stages)]
 

@@ -26,6 +26,11 @@ Levers:
                  PDL, with PDL but letting the next kernel start only at their end, or with PDL
                  as the 16-bit ones
 
+  attention16_BMxBNxWxS
+                 (not in the default list) 16-bit attention of sequences of at most 64 tokens
+                 with BLOCK_M x BLOCK_N blocks over W warps and S stages (e.g.
+                 attention16_32x32x4x2), instead of the shipped 64 x 64 x 4 x 3
+
 Knock-outs (not in the default list; the model's outputs are wrong, the times are the ceiling of
 what removing that work, by fusing it elsewhere at no cost, could gain in the model):
   no_layernorm   every LayerNorm kernel skipped (the embeddings' fused one stays)
@@ -96,6 +101,19 @@ def lever_off(name: str):
             return saved_attention(block_d, dtype, max_seqlen, batch_heads)
 
         attention._launch_config = blocks_before
+    elif name.startswith("attention16_"):
+        saved_attention = attention._launch_config
+        blocks = tuple(int(v) for v in name.removeprefix("attention16_").split("x"))
+        if len(blocks) != 4:
+            raise ValueError(f"{name!r}: write attention16_BMxBNxWxS, e.g. attention16_32x32x4x2")
+
+        def blocks_16bit(block_d, dtype, max_seqlen, batch_heads):
+            short = dtype != torch.float32 and block_d <= 128 and max_seqlen <= 64
+            if short and not attention.interpreted():
+                return blocks
+            return saved_attention(block_d, dtype, max_seqlen, batch_heads)
+
+        attention._launch_config = blocks_16bit
     elif name in ("no_layernorm", "no_attention", "no_gelu"):
         saved_launch = dict(runtime._LAUNCH)
         if name == "no_gelu":
@@ -124,7 +142,7 @@ def lever_off(name: str):
     finally:
         for attr, value in saved.items():
             setattr(matmul, attr, value)
-        if name == "attention_small_blocks":
+        if name == "attention_small_blocks" or name.startswith("attention16_"):
             attention._launch_config = saved_attention
         if name in ("no_layernorm", "no_attention", "no_gelu"):
             runtime._LAUNCH.clear()
