@@ -1,0 +1,54 @@
+"""scripts/levers.py's variants patch what they name, and put it back: a knock-out whose kernel
+name matched nothing would time the baseline again under another label."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from optimum_disc.compiler import runtime
+from optimum_disc.kernels import attention
+
+_PATH = Path(__file__).resolve().parents[1] / "scripts" / "levers.py"
+
+
+@pytest.fixture(scope="module")
+def levers():
+    spec = importlib.util.spec_from_file_location("levers_script", _PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "name, kernel",
+    [("no_layernorm", "layer_norm"), ("no_attention", "attention"), ("no_gelu", "linear")],
+)
+def test_knock_outs_replace_a_launched_kernel_and_restore_it(levers, name, kernel):
+    before = dict(runtime._LAUNCH)
+    with levers.lever_off(name):
+        assert set(runtime._LAUNCH) == set(before), "a knock-out added a kernel name"
+        assert runtime._LAUNCH[kernel] is not before[kernel]
+        others = [k for k in before if k != kernel]
+        assert all(runtime._LAUNCH[k] is before[k] for k in others)
+    assert before == runtime._LAUNCH
+
+
+def test_attention16_takes_four_numbers(levers):
+    shipped = attention._launch_config
+    with levers.lever_off("attention16_32x32x4x2"):
+        assert attention._launch_config is not shipped
+    assert attention._launch_config is shipped
+    with (
+        pytest.raises(ValueError, match="attention16_BMxBNxWxS"),
+        levers.lever_off("attention16_32x32x4"),
+    ):
+        pass
+
+
+def test_unknown_lever_is_refused(levers):
+    with (
+        pytest.raises(ValueError, match="unknown lever 'no_softmax'"),
+        levers.lever_off("no_softmax"),
+    ):
+        pass
