@@ -53,6 +53,8 @@ _BIG = tl.constexpr(2**62)
         "S_PAD",
         "NPROG",
         "PAD_ID",
+        "ID_LIMIT",
+        "TYPE_LIMIT",
     ]
 )
 def _prepare_inputs_kernel(
@@ -76,6 +78,8 @@ def _prepare_inputs_kernel(
     stats_ptr,
     NPROG,
     PAD_ID,
+    ID_LIMIT,
+    TYPE_LIMIT,
     HAS_MASK: tl.constexpr,
     HAS_TYPES: tl.constexpr,
     HAS_PAD: tl.constexpr,
@@ -99,9 +103,18 @@ def _prepare_inputs_kernel(
     else:
         t = tl.zeros([BLOCK_S], tl.int64)
     inside = cols < S_PAD
-    tl.store(out_ids_ptr + b * S_PAD + cols, ids, mask=inside)
+    # The buffers get ids clamped into [0, limit): the statistics below see the caller's values
+    # (and the runtime refuses ids outside the tables), but the kernels that read the buffers
+    # never index past an embedding table, even when they run before that check.
+    tl.store(
+        out_ids_ptr + b * S_PAD + cols, tl.minimum(tl.maximum(ids, 0), ID_LIMIT - 1), mask=inside
+    )
     tl.store(out_mask_ptr + b * S_PAD + cols, m, mask=inside)
-    tl.store(out_types_ptr + b * S_PAD + cols, t, mask=inside)
+    tl.store(
+        out_types_ptr + b * S_PAD + cols,
+        tl.minimum(tl.maximum(t, 0), TYPE_LIMIT - 1),
+        mask=inside,
+    )
 
     big = tl.full([BLOCK_S], _BIG, tl.int64)
     first = tl.sum(tl.where(cols == 0, m, 0), axis=0)
@@ -182,11 +195,20 @@ class InputBuffers:
 
 
 def prepare_inputs(
-    input_ids, attention_mask, token_type_ids, buffers: InputBuffers, pad_token_id=None
+    input_ids,
+    attention_mask,
+    token_type_ids,
+    buffers: InputBuffers,
+    pad_token_id=None,
+    id_limit: int | None = None,
+    type_limit: int | None = None,
 ) -> torch.Tensor:
     """Copy ``[B, S]`` inputs into ``buffers`` (zeros past B and S) and return the eight
     statistics of ``STATS`` as an int64 tensor on the device (``pad_before_real`` counts real
     tokens at or after a ``pad_token_id`` of their sequence; 0 when it is None).
+
+    Ids and segment ids are stored clamped into ``[0, id_limit)`` and ``[0, type_limit)`` (into
+    ``[0, 2**31 - 1)`` when the limit is None); the statistics are those of the caller's values.
 
     >>> import torch
     >>> buf = InputBuffers(4, 16, "cpu")
@@ -229,6 +251,8 @@ def prepare_inputs(
         buffers.stats,
         buffers.b_pad,
         pad_token_id if pad_token_id is not None else 0,
+        _limit(id_limit, "id_limit"),
+        _limit(type_limit, "type_limit"),
     )
     consts = (attention_mask is not None, token_type_ids is not None, pad_token_id is not None)
     consts += (block_s, 256)  # HAS_MASK, HAS_TYPES, HAS_PAD, BLOCK_S, BLOCK_R
@@ -251,6 +275,21 @@ def prepare_inputs(
     return buffers.stats
 
 
+def _limit(value: int | None, name: str) -> int:
+    # No limit is the largest int32: the compiled kernel of `_COMPILED` types the argument by the
+    # first value it met (a table size), so every value must fit that type.
+    if value is None:
+        return _NO_LIMIT
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _NO_LIMIT:
+        raise ValueError(
+            f"{name}={value!r} must be a positive int below 2**31 (a table's number of rows)"
+        )
+    return value
+
+
+_NO_LIMIT = 2**31 - 1
+
+
 # The input kernel compiled per key of `prepare_inputs`: each call launches it directly, which
 # takes a few microseconds of the host where Triton's launcher (binding and specializing 25
 # arguments) took 40 to 50 (H200 host, scripts/host_time.py); it runs before the CUDA graph of
@@ -259,7 +298,14 @@ _COMPILED: dict = {}
 
 
 def prepare_inputs_reference(
-    input_ids, attention_mask, token_type_ids, b_pad, s_pad, pad_token_id=None
+    input_ids,
+    attention_mask,
+    token_type_ids,
+    b_pad,
+    s_pad,
+    pad_token_id=None,
+    id_limit=None,
+    type_limit=None,
 ):
     """(ids, mask, types, stats) as ``prepare_inputs`` computes them, with torch ops."""
     b, s = input_ids.shape
@@ -267,9 +313,10 @@ def prepare_inputs_reference(
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
     types = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
     out = []
-    for t in (input_ids, mask, types):
+    limits = (_limit(id_limit, "id_limit"), None, _limit(type_limit, "type_limit"))
+    for t, limit in zip((input_ids, mask, types), limits):
         padded = torch.zeros(b_pad, s_pad, dtype=torch.int64, device=dev)
-        padded[:b, :s] = t
+        padded[:b, :s] = t if limit is None else t.clamp(0, limit - 1)
         out.append(padded)
     bad = ((mask != 0) & (mask != 1)).sum()
     early = torch.zeros((), dtype=torch.int64, device=dev)

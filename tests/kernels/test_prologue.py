@@ -39,6 +39,31 @@ def test_prepare_inputs_matches_reference(
         assert buffers.ticket.item() == 0
 
 
+@pytest.mark.parametrize("id_limit,type_limit", [(50, 2), (1, 1), (100, None)])
+def test_buffers_hold_clamped_ids_and_statistics_the_raw_ones(id_limit, type_limit, device, seed):
+    """Ids outside the tables reach the buffers clamped (kernels that read them before the
+    runtime's check never index past a table) while the statistics report the caller's values,
+    which the runtime refuses."""
+    ids = torch.randint(-20, 120, (6, 11), device=device)
+    types = torch.randint(-3, 5, (6, 11), device=device)
+    mask = torch.randint(0, 2, (6, 11), device=device)
+    buffers = InputBuffers(8, 16, device)
+    stats = prepare_inputs(ids, mask, types, buffers, None, id_limit, type_limit)
+    ref = prepare_inputs_reference(ids, mask, types, 8, 16, None, id_limit, type_limit)
+    assert torch.equal(buffers.ids, ref[0]) and torch.equal(buffers.types, ref[2]), f"seed {seed}"
+    assert int(buffers.ids.min()) >= 0 and int(buffers.ids.max()) <= id_limit - 1
+    assert stats.tolist() == ref[3].tolist(), f"seed {seed}"
+    assert stats[0].item() == int(ids.min()) and stats[1].item() == int(ids.max())
+    # Without limits, after a launch with them (on a GPU the second launch reuses the compiled
+    # kernel, whose limit arguments were typed by the first values): only negatives clamped.
+    stats = prepare_inputs(ids, mask, types, buffers)
+    ref = prepare_inputs_reference(ids, mask, types, 8, 16)
+    assert torch.equal(buffers.ids, ref[0]) and torch.equal(buffers.types, ref[2]), f"seed {seed}"
+    assert stats.tolist() == ref[3].tolist(), f"seed {seed}"
+    with pytest.raises(ValueError, match="id_limit=0"):
+        prepare_inputs(ids, mask, types, buffers, None, 0, type_limit)
+
+
 def test_strided_inputs(device, seed):
     wide = torch.randint(0, 50, (4, 20), device=device)
     ids = wide[:, ::2]
