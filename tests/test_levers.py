@@ -52,3 +52,10 @@ def test_unknown_lever_is_refused(levers):
         levers.lever_off("no_softmax"),
     ):
         pass
+
+
+def test_ahead_lever_stops_graphs_running_ahead_and_restores_it(levers):
+    before = runtime._AHEAD_AFTER
+    with levers.lever_off("ahead"):
+        assert runtime._AHEAD_AFTER > 10**9
+    assert before == runtime._AHEAD_AFTER
