@@ -90,6 +90,12 @@ GPU_CASES = [
     pytest.param(
         Case(200, 12, 80, key_valid="random", tail=1), id="b200-h12-d80", marks=pytest.mark.gpu
     ),
+    # A batch of the movie-review pass: 64 sequences of 6 to 55 tokens (16-bit: 64 x 32 blocks).
+    pytest.param(
+        Case(tuple((7 * i) % 50 + 6 for i in range(64)), 12, 64, layout="packed", tail=3),
+        id="b64-short-h12-d64",
+        marks=pytest.mark.gpu,
+    ),
 ]
 
 
