@@ -59,3 +59,15 @@ def test_ahead_lever_stops_graphs_running_ahead_and_restores_it(levers):
     with levers.lever_off("ahead"):
         assert runtime._AHEAD_AFTER > 10**9
     assert before == runtime._AHEAD_AFTER
+
+
+def test_split_k_large_removes_only_the_many_row_candidates(levers):
+    from optimum_disc.kernels import matmul
+
+    small, large = matmul._SPLIT_K_CANDIDATES, matmul._SPLIT_K_LARGE
+    assert large
+    with levers.lever_off("split_k_large"):
+        assert matmul._SPLIT_K_LARGE == () and matmul._SPLIT_K_CANDIDATES is small
+    with levers.lever_off("split_k"):
+        assert matmul._SPLIT_K_LARGE == ()
+    assert matmul._SPLIT_K_LARGE is large and matmul._SPLIT_K_CANDIDATES is small
