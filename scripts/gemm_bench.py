@@ -6,10 +6,10 @@ For every row count and BERT-base projection (QKV 2304 x 768, attention output 7
 3072 x 768 with GELU, FFN down 768 x 3072 with the residual add), fp16 by default: every
 candidate of the tuner is timed with `matmul.time_candidates` (CUDA graphs of back-to-back
 launches over weights that do not fit in L2) and the fastest of each backend is printed with
-its TFLOP/s: the plain Triton kernel ("triton"), the persistent TMA kernel ("tma"; again with
-its output tiles stored per thread instead of by TMA) and cuBLAS with the epilogue as separate
-kernels ("cublas"). The last column is the card's floor at
-750 TFLOP/s (ANCHORS.md).
+its TFLOP/s: the plain Triton kernel ("triton", its split-K tiles apart), the persistent TMA
+kernel ("tma"; again with its output tiles stored per thread instead of by TMA) and cuBLAS with
+the epilogue as separate kernels ("cublas"). The last column is the card's floor at 750 TFLOP/s
+(ANCHORS.md).
 """
 
 from __future__ import annotations
@@ -70,6 +70,11 @@ def _sweep(m, n, k, dtype):
     )
 
 
+def _column(cfg) -> str:
+    """The table column of a config: its backend, split-K apart from the plain Triton tiles."""
+    return "triton, split-K" if cfg.backend == "triton" and cfg.split_k > 1 else cfg.backend
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="1024,2048,4096,16384")
@@ -104,8 +109,11 @@ def main(argv=None) -> int:
     rows = [int(r) for r in args.rows.split(",")]
     results = []
     print(f"device {torch.cuda.get_device_name()} | {args.dtype} | ms per launch (TFLOP/s)")
-    print("| rows | projection | triton | tma | tma, stores per thread | cublas | best | floor |")
-    print("|---:|---|---:|---:|---:|---:|---|---:|")
+    print(
+        "| rows | projection | triton | triton, split-K | tma | tma, stores per thread | cublas "
+        "| best | floor |"
+    )
+    print("|---:|---|---:|---:|---:|---:|---:|---|---:|")
     for m in rows:
         for name, n, k, act, res in PROJECTIONS:
             candidates = matmul.tuning_candidates(m, n, k, dtype, device)
@@ -124,7 +132,7 @@ def main(argv=None) -> int:
                 finally:
                     matmul.TMA_STORE = True
             best = {}
-            labelled = [(cfg, cfg.backend, ms) for cfg, ms in timed]
+            labelled = [(cfg, _column(cfg), ms) for cfg, ms in timed]
             labelled += [(cfg, "tma, stores per thread", ms) for cfg, ms in plain_store]
             for cfg, backend, ms in labelled:
                 if ms is not None and ms < best.get(backend, (None, float("inf")))[1]:
@@ -137,16 +145,15 @@ def main(argv=None) -> int:
                 ms = best[backend][1]
                 return f"{ms * 1e3:.1f} us ({flop / ms / 1e9:.0f})"
 
-            winner = min(
-                (best[b] for b in ("triton", "tma", "cublas") if b in best), key=lambda cm: cm[1]
-            )[0]
+            columns = ("triton", "triton, split-K", "tma", "cublas")
+            winner = min((best[b] for b in columns if b in best), key=lambda cm: cm[1])[0]
             tiles = f"{winner.block_m}x{winner.block_n}x{winner.block_k}"
             if winner.split_k > 1:
                 tiles += f" split {winner.split_k}"
             label = f"{winner.backend} {tiles}" if winner.backend != "cublas" else "cublas"
             floor_us = flop / (PEAK_TFLOPS * 1e12) * 1e6
             print(
-                f"| {m} | {name} | {cell('triton')} | {cell('tma')} "
+                f"| {m} | {name} | {cell('triton')} | {cell('triton, split-K')} | {cell('tma')} "
                 f"| {cell('tma, stores per thread')} | {cell('cublas')} "
                 f"| {label} | {floor_us:.1f} us |"
             )
