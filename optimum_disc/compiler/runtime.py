@@ -254,8 +254,7 @@ class CompiledModel:
 
     def _check_statistics(self, stats: list[int], has_types: bool, mask) -> None:
         id_min, id_max, type_min, type_max, _, _, bad_mask = stats
-        meta = self.program.meta
-        vocab, types_n = meta["vocab_size"], max(meta.get("type_vocab_size", 1), 1)
+        vocab, types_n = self._table_sizes
         if id_min < 0 or id_max >= vocab:
             bad = id_min if id_min < 0 else id_max
             raise ValueError(
@@ -272,6 +271,12 @@ class CompiledModel:
             raise ValueError(
                 f"attention_mask holds {values[0].item()}; attention_mask must hold only 0 and 1."
             )
+
+    @functools.cached_property
+    def _table_sizes(self) -> tuple[int, int]:
+        """Rows of the token and segment embedding tables: the ids a call may hold."""
+        meta = self.program.meta
+        return meta["vocab_size"], max(meta.get("type_vocab_size", 1), 1)
 
     # -- execution --------------------------------------------------------------------------
 
@@ -298,8 +303,7 @@ class CompiledModel:
             types,
             inputs,
             pad_id,
-            meta["vocab_size"],
-            max(meta.get("type_vocab_size", 1), 1),
+            *self._table_sizes,
         )
         # A shape whose last calls all took the same graph, one that computes every position of
         # its bucket, replays it before the statistics are back (see `_guess`).
