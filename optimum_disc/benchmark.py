@@ -1462,6 +1462,7 @@ class _Run:
         if peer.compiled is not None:
             out["cuda_graphs_held"] = len(peer.compiled._graphs)
             out["cuda_graph_captures_in_timed_passes"] = captures["n"] if captures else None
+            out["gemm_configs"] = gemm_choices(peer.compiled)
         if o.profile and spec.kind == "disc" and self.device.type == "cuda":
             out["profile"] = self._profile_pass(peer, spec, out["ms_per_pass"])
         self.log(

@@ -102,6 +102,9 @@ def test_benchmark_on_cpu(tmp_path, tokenizer, capsys):
     assert disc["dataset"]["max_abs_diff"] < 1e-4
     assert disc["optimize_s"] > 0 and disc["compile_s"] > disc["optimize_s"]
     assert disc["cuda_graphs_held"] == 0  # no CUDA graphs on the CPU
+    # The GEMM configurations each pass ran with (none tuned on the CPU), for disc peers only.
+    assert disc["dataset"]["gemm_configs"] == disc["gemm_configs"] == {}
+    assert "gemm_configs" not in saved["results"]["eager_fp32"]["dataset"]
     art = saved["artifact_load"]
     assert art["peer"] == "disc_fp32" and art["from_pretrained_s"] > 0, art
     assert art["max_abs_diff"] < 1e-4
