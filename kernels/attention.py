@@ -73,6 +73,7 @@ def _attention_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    FIRST_ONLY: tl.constexpr = False,
     PDL: tl.constexpr = False,
 ):
     if PDL:
@@ -84,14 +85,20 @@ def _attention_kernel(
     h = pid_bh % num_heads
     seq_start = tl.load(CuSeqlens + b)
     seqlen = tl.load(CuSeqlens + b + 1) - seq_start
-    # max_seqlen is only an upper bound, so blocks past this sequence's end have nothing to do.
-    if pid_m * BLOCK_M >= seqlen:
-        return
+    if FIRST_ONLY:
+        # One query per sequence, its first row; output row b, zeros for an empty sequence.
+        queries = tl.minimum(seqlen, 1)
+    else:
+        # max_seqlen is only an upper bound, so blocks past this sequence's end have nothing to
+        # do.
+        if pid_m * BLOCK_M >= seqlen:
+            return
+        queries = seqlen
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    m_mask = offs_m < seqlen
+    m_mask = offs_m < queries
     d_mask = offs_d < HEAD_DIM
     col = h * HEAD_DIM + offs_d
 
@@ -152,10 +159,16 @@ def _attention_kernel(
     # l_i is 0 only for queries with no valid key, whose acc is 0 too: their output is 0, not NaN.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
+    if FIRST_ONLY:
+        rows_o = (b + offs_m).to(tl.int64)
+        o_mask = offs_m == 0
+    else:
+        rows_o = rows_m
+        o_mask = m_mask
     tl.store(
-        Out + rows_m[:, None] * stride_o + col[None, :],
+        Out + rows_o[:, None] * stride_o + col[None, :],
         out.to(Out.dtype.element_ty),
-        mask=m_mask[:, None] & d_mask[None, :],
+        mask=o_mask[:, None] & d_mask[None, :],
     )
 
 
@@ -204,6 +217,16 @@ def _launch_config(
     return 64, 64, 8, 2
 
 
+def _first_only_config(dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of ``first_only``: one query row per (sequence,
+    head), in the smallest tile a dot takes (16 rows)."""
+    if interpreted():
+        return 16, 16, 4, 1
+    if dtype == torch.float32:
+        return 16, 32, 4, 1
+    return 16, 64, 4, 2
+
+
 def _check_rows(name: str, t: torch.Tensor, width: int, dtype: torch.dtype, rows: int, device):
     if t.dim() != 2:
         raise ValueError(
@@ -245,6 +268,7 @@ def attention(
     scale: float,
     key_valid: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    first_only: bool = False,
 ) -> torch.Tensor:
     """softmax(scale * q k^T) v per head, within each packed sequence.
 
@@ -261,11 +285,15 @@ def attention(
         key_valid: optional [R] tensor (bool or integer, nonzero = valid) of the rows that may be
             attended to as keys. A query whose sequence has no valid key gets zeros.
         out: optional [R, num_heads * head_dim] destination of q's dtype with stride(1) == 1
-            (it may be a strided view). Only rows of sequences are written.
+            (it may be a strided view). Only rows of sequences are written. With
+            ``first_only``, [B, num_heads * head_dim], every row written.
+        first_only: compute the first query of each sequence only (the row a first-token
+            pooling reads): row b of the result is the attention of query row cu_seqlens[b]
+            over the keys of sequence b, zeros for an empty sequence.
 
     Returns:
         ``out``, or a new [R, num_heads * head_dim] tensor whose rows past cu_seqlens[B] are
-        left uninitialised.
+        left uninitialised; with ``first_only``, a new [B, num_heads * head_dim] one.
 
     Example (see the module docstring for one that also checks the result)::
 
@@ -303,6 +331,8 @@ def attention(
             f"q is on {device}; without TRITON_INTERPRET=1 the kernel needs CUDA "
             "tensors. Move the inputs to the GPU."
         )
+    if not isinstance(first_only, bool):
+        raise ValueError(f"first_only is {first_only!r}; pass True or False.")
     width = num_heads * head_dim
     _check_rows("q", q, width, dtype, rows, device)
     _check_rows("k", k, width, dtype, rows, device)
@@ -340,24 +370,33 @@ def attention(
             raise ValueError(f"key_valid is on {key_valid.device} but q is on {device}; move it.")
         if key_valid.dtype == torch.bool:
             key_valid = key_valid.view(torch.uint8)  # same bytes; Triton loads bytes reliably
-    if out is None:
-        out = torch.empty((rows, width), dtype=dtype, device=device)
-    else:
-        if not isinstance(out, torch.Tensor) or out.dim() != 2 or tuple(out.shape) != (rows, width):
-            raise ValueError(
-                f"out has shape {tuple(getattr(out, 'shape', ()))}; it must be "
-                f"[{rows}, {width}] (rows of q, num_heads * head_dim)."
-            )
-        _check_rows("out", out, width, dtype, rows, device)
-
     batch = cu_seqlens.numel() - 1
+    out_rows = batch if first_only else rows
+    if out is None:
+        out = torch.empty((out_rows, width), dtype=dtype, device=device)
+    else:
+        shape = tuple(getattr(out, "shape", ()))
+        if not isinstance(out, torch.Tensor) or out.dim() != 2 or shape != (out_rows, width):
+            what = "sequences of cu_seqlens" if first_only else "rows of q"
+            raise ValueError(
+                f"out has shape {shape}; it must be [{out_rows}, {width}] ({what}, "
+                "num_heads * head_dim)."
+            )
+        _check_rows("out", out, width, dtype, out_rows, device)
+
     if batch == 0 or max_seqlen == 0 or rows == 0:
+        if first_only:
+            out.zero_()  # every sequence is empty
         return out
     block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs K >= 16
-    block_m, block_n, num_warps, num_stages = _launch_config(
-        block_d, dtype, max_seqlen, batch * num_heads
-    )
-    grid = (batch * num_heads, triton.cdiv(max_seqlen, block_m))
+    if first_only:
+        block_m, block_n, num_warps, num_stages = _first_only_config(dtype)
+        grid = (batch * num_heads, 1)
+    else:
+        block_m, block_n, num_warps, num_stages = _launch_config(
+            block_d, dtype, max_seqlen, batch * num_heads
+        )
+        grid = (batch * num_heads, triton.cdiv(max_seqlen, block_m))
     if grid[1] > _MAX_GRID_Y:
         raise ValueError(
             f"max_seqlen is {max_seqlen}, which needs {grid[1]} query blocks of "
@@ -387,6 +426,7 @@ def attention(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
+        FIRST_ONLY=first_only,
         num_warps=num_warps,
         num_stages=num_stages,
         **_pdl.options(q.device),

@@ -25,6 +25,7 @@ from .passes.attention import fuse_attention
 from .passes.cleanup import drop_noops
 from .passes.columns import split_columns
 from .passes.embeddings import fuse_embeddings
+from .passes.first_token_rows import first_token_rows
 from .passes.gemm_epilogue import fuse_gemm_epilogue
 from .passes.key_padding_mask import key_padding_mask
 from .passes.layer_norm import fuse_layer_norm
@@ -41,8 +42,8 @@ __all__ = ["optimize", "CompiledModel", "Program", "UnsupportedGraph", "PASSES",
 logger = logging.getLogger(__name__)
 
 # Order matters: attention is matched before its projections merge, the GEMM epilogue takes
-# residual adds before LayerNorm fusion looks for them, and column splits of a GEMM's output
-# need the fused GEMM.
+# residual adds before LayerNorm fusion looks for them, column splits of a GEMM's output need the
+# fused GEMM, and the last layer shrinks to the first token once every op of it is fused.
 PASSES = (
     drop_noops,
     key_padding_mask,
@@ -56,6 +57,7 @@ PASSES = (
     fuse_embeddings,
     fuse_first_token,
     fuse_pointwise,
+    first_token_rows,
 )
 
 
@@ -81,7 +83,8 @@ def coverage(
             f = 2.0 * rows * n * k
         elif call.kernel == "attention":
             width = call.attrs["num_heads"] * call.attrs["head_dim"]
-            f = 4.0 * tokens * tokens * width
+            queries = 1 if call.attrs.get("first_only") else tokens
+            f = 4.0 * queries * tokens * width
         else:
             f = 0.0
         flops[call.kernel] = flops.get(call.kernel, 0.0) + f

@@ -78,6 +78,7 @@ RUNTIME_FEATURES = {
         "(left padding, padding tokens inside a sequence)"
     ),
     "torch_ops": "operations without a kernel run as PyTorch ops over padded rows",
+    "first_query_attention": "attention of the first query of each sequence only",
 }
 """Features some programs need from the runtime, which lists those it has in ``FEATURES``."""
 
@@ -144,9 +145,18 @@ _KERNEL_OPS = (
     ops.layer_norm,
     ops.attention,
     ops.attention_packed,
+    ops.attention_first,
+    ops.attention_packed_first,
     ops.first_token,
     ops.pointwise,
 )
+_ATTENTION_OPS = {
+    # op -> (q, k and v in one packed tensor, the first query of each sequence only)
+    ops.attention: (False, False),
+    ops.attention_packed: (True, False),
+    ops.attention_first: (False, True),
+    ops.attention_packed_first: (True, True),
+}
 
 
 def lower(g: Graph, allow_torch: bool = True) -> Program:
@@ -348,11 +358,17 @@ def lower(g: Graph, allow_torch: bool = True) -> Program:
                 {"x": ref(a[0]), "residual": ref(a[1]), "weight": ref(a[2]), "bias": ref(a[3])},
                 {"eps": float(a[4])},
             )
-        elif t in (ops.attention, ops.attention_packed):
-            packed = t is ops.attention_packed
+        elif t in _ATTENTION_OPS:
+            packed, first = _ATTENTION_OPS[t]
             qkv = [a[0]] * 3 if packed else list(a[:3])
             width = layout(node)[1][0]
             num_heads = int(a[-2])
+            attrs = {"first_only": True} if first else {}
+            if first:
+                requires["first_query_attention"] = (
+                    "its last attention computes the first query of each sequence only (the "
+                    "one row its pooling reads)"
+                )
             emit(
                 node,
                 "attention",
@@ -368,6 +384,7 @@ def lower(g: Graph, allow_torch: bool = True) -> Program:
                     "head_dim": width // num_heads,
                     "scale": float(a[-1]) if a[-1] is not None else (width // num_heads) ** -0.5,
                     "offsets": [0, width, 2 * width] if packed else [0, 0, 0],
+                    **attrs,
                 },
             )
         elif t is ops.first_token:

@@ -100,6 +100,17 @@ def attention_packed(qkv, attention_mask, num_heads, scale):
     return attention(q, k, v, attention_mask, num_heads, scale)
 
 
+def attention_first(q, k, v, attention_mask, num_heads, scale):
+    """``attention`` of the first query of each sequence only: ``[B, H]``, the row at position 0
+    of ``attention(q, k, v, attention_mask, num_heads, scale)``."""
+    return attention(q, k, v, attention_mask, num_heads, scale)[:, 0]
+
+
+def attention_packed_first(qkv, attention_mask, num_heads, scale):
+    """``attention_first`` over one ``[B, S, 3H]`` tensor holding q, k and v side by side."""
+    return attention_packed(qkv, attention_mask, num_heads, scale)[:, 0]
+
+
 def first_token(x):
     """The hidden state at position 0 of each sequence: ``[B, S, H] -> [B, H]``."""
     return x[:, 0]
@@ -129,6 +140,8 @@ FUSED_OPS = (
     layer_norm,
     attention,
     attention_packed,
+    attention_first,
+    attention_packed_first,
     first_token,
     pointwise,
 )

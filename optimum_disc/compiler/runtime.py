@@ -25,7 +25,7 @@ from .program import Program
 _OUTPUT_MODULE = "transformers.modeling_outputs."
 
 # What this runtime can execute beyond plain kernel calls (lowering asks for them by name).
-FEATURES = ("scalar_rows", "padded_positions", "torch_ops")
+FEATURES = ("scalar_rows", "padded_positions", "torch_ops", "first_query_attention")
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -755,6 +755,7 @@ def _launch_attention(model, a, attrs, out, seq):
         attrs["scale"],
         key_valid=a["key_valid"],
         out=out,
+        first_only=attrs.get("first_only", False),
     )
 
 

@@ -11,9 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from optimum_disc.compiler import ops
+from optimum_disc.compiler.graph import tensor_shape
+from optimum_disc.compiler.passes.activations import recognise_gelu
 from optimum_disc.compiler.passes.attention import fuse_attention
 from optimum_disc.compiler.passes.cleanup import drop_noops
 from optimum_disc.compiler.passes.embeddings import fuse_embeddings
+from optimum_disc.compiler.passes.first_token_rows import first_token_rows
 from optimum_disc.compiler.passes.gemm_epilogue import fuse_gemm_epilogue
 from optimum_disc.compiler.passes.key_padding_mask import key_padding_mask
 from optimum_disc.compiler.passes.layer_norm import fuse_layer_norm
@@ -218,3 +221,63 @@ def test_pointwise_chain_becomes_one_generated_kernel(seed):
     (node,) = [n for n in g.graph.nodes if n.target is ops.pointwise]
     assert node.args[0]["inputs"] == ["full", "col"] or node.args[0]["inputs"] == ["col", "full"]
     assert_same_function(before, g, _inputs(2, 5, hidden=H))
+
+
+class EncoderLayerAndPooler(nn.Module):
+    """Embeddings, a post-LayerNorm encoder layer and a first-token pooler; ``both`` also
+    returns the layer's output, which then needs every row."""
+
+    def __init__(self, both=False):
+        super().__init__()
+        self.both = both
+        self.attention = Attention()
+        self.out = nn.Linear(H, H)
+        self.ln1, self.ln2 = nn.LayerNorm(H), nn.LayerNorm(H)
+        self.up, self.down = nn.Linear(H, 4 * H), nn.Linear(4 * H, H)
+        self.pool = nn.Linear(H, H)
+        # Not the default (ones, zeros): a LayerNorm's parameters must land on the right rows.
+        for ln in (self.ln1, self.ln2):
+            nn.init.normal_(ln.weight)
+            nn.init.normal_(ln.bias)
+
+    def forward(self, input_ids, attention_mask):
+        x = self.attention.emb(input_ids)
+        (a,) = self.attention(input_ids, attention_mask)
+        h = self.ln1(self.out(a) + x)
+        h = self.ln2(self.down(F.gelu(self.up(h))) + h)
+        pooled = torch.tanh(self.pool(h[:, 0]))
+        return (pooled, h) if self.both else (pooled,)
+
+
+def _encoder_passes(g):
+    g = merge_qkv(fuse_attention(key_padding_mask(drop_noops(g))))
+    g = fuse_layer_norm(fuse_gemm_epilogue(recognise_gelu(g)))
+    return fuse_first_token(g)
+
+
+def test_first_token_rows_runs_the_last_layer_on_the_first_token(seed):
+    g = _encoder_passes(export_graph(EncoderLayerAndPooler(), _inputs()))
+    before = g.copy()
+    g = first_token_rows(g)
+    assert ops.attention_packed not in targets(g)
+    (att,) = [n for n in g.graph.nodes if n.target is ops.attention_packed_first]
+    b = tensor_shape(att.args[0])[0]
+    # Everything after the attention is one row per sequence: [B, width].
+    nodes = [n for n in g.graph.nodes if n.op == "call_function"]
+    tail = nodes[nodes.index(att) :]
+    assert [n.target for n in tail].count(ops.linear) == 4  # out, up, down, pool
+    for n in tail:
+        assert len(tensor_shape(n)) == 2 and tensor_shape(n)[0] == b, n.format_node()
+    # The residual stream into the region is gathered, the pooling's own gather is gone.
+    (gather,) = [n for n in g.graph.nodes if n.target is ops.first_token]
+    assert tensor_shape(gather.args[0])[:2] == tensor_shape(att.args[0])[:2]
+    assert_same_function(before, g, _inputs(3, 7))
+    assert_same_function(before, g, _inputs(1, 1))
+
+
+def test_first_token_rows_leaves_a_model_that_reads_every_row(seed):
+    g = _encoder_passes(export_graph(EncoderLayerAndPooler(both=True), _inputs()))
+    code = g.gm.code
+    g = first_token_rows(g)
+    assert g.gm.code == code
+    assert ops.attention_packed in targets(g) and ops.attention_packed_first not in targets(g)

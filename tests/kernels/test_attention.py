@@ -207,6 +207,75 @@ def test_fresh_output_and_degenerate_batches(device, seed):
         assert torch.isnan(out).all(), f"seed={seed}: no sequence, yet rows were written"
 
 
+def _check_first_only(case: Case, dtype: torch.dtype, device: str, seed: int):
+    lengths = _lengths(case)
+    q, k, v, cu, key_valid = _inputs(case, lengths, dtype, device)
+    width, batch = q.shape[1], len(lengths)
+    scale = case.head_dim**-0.5 if case.scale is None else case.scale
+    max_seqlen = max(lengths) + case.extra_seqlen
+    buf = torch.full((batch + 2, width + 7), float("nan"), dtype=dtype, device=device)
+    out = buf[1 : 1 + batch, 4 : 4 + width]
+    what = f"seed={seed} lengths={lengths} dtype={dtype} first_only"
+
+    got = attention(
+        q,
+        k,
+        v,
+        cu,
+        max_seqlen,
+        case.num_heads,
+        case.head_dim,
+        scale,
+        key_valid=key_valid,
+        out=out,
+        first_only=True,
+    )
+    ref = attention_reference(q, k, v, cu, case.num_heads, case.head_dim, scale, key_valid)
+    # Row b: the first query of sequence b; an empty sequence has none and gets zeros.
+    starts = cu[:-1].long().cpu()
+    expected = torch.stack(
+        [ref[s] if n else torch.zeros_like(ref[0]) for s, n in zip(starts.tolist(), lengths)]
+    )
+    assert got.data_ptr() == out.data_ptr(), what
+    assert torch.isfinite(got).all(), f"{what}: a row was left unwritten or is not finite"
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(
+        got.float(), expected.float(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}"
+    )
+    assert torch.isnan(buf[0]).all() and torch.isnan(buf[1 + batch :]).all(), (
+        f"{what}: rows outside the out view were written"
+    )
+    assert torch.isnan(buf[:, :4]).all() and torch.isnan(buf[:, 4 + width :]).all(), (
+        f"{what}: columns outside the out view were written"
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("case", CASES + GPU_CASES)
+def test_first_only_matches_the_first_rows(case, dtype, device, seed):
+    """``first_only``: the first query of each sequence, as the full attention computes it."""
+    _check_first_only(case, dtype, device, seed)
+
+
+def test_first_only_fresh_output_and_empty_batches(device, seed):
+    heads, dim = 2, 16
+    lengths = [6, 3]
+    q, k, v, cu, _ = _inputs(Case(tuple(lengths), heads, dim), lengths, torch.float16, device)
+    got = attention(q, k, v, cu, 6, heads, dim, 0.25, first_only=True)
+    assert got.shape == (2, heads * dim) and got.dtype == torch.float16
+    ref = attention_reference(q, k, v, cu, heads, dim, 0.25)[[0, 6]]
+    atol, rtol = TOLERANCES[torch.float16]
+    torch.testing.assert_close(got, ref, atol=atol, rtol=rtol, msg=lambda m: f"seed={seed}: {m}")
+    # Every sequence empty (max_seqlen 0, or no rows at all): every row is zeros.
+    out = torch.full((2, heads * dim), float("nan"), dtype=torch.float16, device=device)
+    cu0 = torch.zeros(3, dtype=torch.int32, device=device)
+    attention(q, k, v, cu0, 0, heads, dim, 0.25, out=out, first_only=True)
+    assert (out == 0).all(), f"seed={seed}: empty sequences must give zeros"
+    out.fill_(float("nan"))
+    attention(q, k, v, cu0, 4, heads, dim, 0.25, out=out, first_only=True)
+    assert (out == 0).all(), f"seed={seed}: empty sequences must give zeros"
+
+
 def _bad_inputs(device):
     heads, dim = 2, 16
     width = heads * dim
@@ -284,6 +353,12 @@ BAD = [
         r"max_seqlen is tensor\(5\)",
     ),
     _bad("max-seqlen-negative", lambda a, d: a.update(max_seqlen=-1), r"max_seqlen is -1"),
+    _bad(
+        "first-only-out-rows",
+        lambda a, d: a.update(first_only=True, out=torch.empty(8, 32, device=d)),
+        r"out has shape \(8, 32\); it must be \[2, 32\] \(sequences of cu_seqlens",
+    ),
+    _bad("first-only-int", lambda a, d: a.update(first_only=1), r"first_only is 1"),
 ]
 
 
