@@ -202,6 +202,7 @@ def prepare_inputs(
     pad_token_id=None,
     id_limit: int | None = None,
     type_limit: int | None = None,
+    stats_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Copy ``[B, S]`` inputs into ``buffers`` (zeros past B and S) and return the eight
     statistics of ``STATS`` as an int64 tensor on the device (``pad_before_real`` counts real
@@ -209,6 +210,11 @@ def prepare_inputs(
 
     Ids and segment ids are stored clamped into ``[0, id_limit)`` and ``[0, type_limit)`` (into
     ``[0, 2**31 - 1)`` when the limit is None); the statistics are those of the caller's values.
+
+    ``stats_out`` (an int64 tensor of 8 elements) receives the statistics instead, and is
+    returned. For a GPU launch it may be pinned host memory, which the kernel writes directly:
+    the host then reads the numbers without a copy, once the launch has finished (after an
+    event recorded behind it has completed).
 
     >>> import torch
     >>> buf = InputBuffers(4, 16, "cpu")
@@ -227,6 +233,13 @@ def prepare_inputs(
             raise ValueError(
                 f"{name} has shape {tuple(t.shape)}, input_ids {tuple(input_ids.shape)}"
             )
+    if stats_out is None:
+        stats_out = buffers.stats
+    elif stats_out.dtype != torch.int64 or stats_out.numel() != len(STATS):
+        raise ValueError(
+            f"stats_out is {stats_out.dtype} with {stats_out.numel()} elements; pass an int64 "
+            f"tensor of {len(STATS)}"
+        )
     mask = attention_mask if attention_mask is not None else input_ids
     types = token_type_ids if token_type_ids is not None else input_ids
     block_s = max(16, triton.next_power_of_2(buffers.s_pad))
@@ -248,7 +261,7 @@ def prepare_inputs(
         buffers.s_pad,
         buffers.partial,
         buffers.ticket,
-        buffers.stats,
+        stats_out,
         buffers.b_pad,
         pad_token_id if pad_token_id is not None else 0,
         _limit(id_limit, "id_limit"),
@@ -260,19 +273,20 @@ def prepare_inputs(
     grid = (buffers.b_pad, 1, 1)
     if interpreted() or _launch.compiling_only():
         _launch.launcher(_prepare_inputs_kernel, grid)(*args, *consts, num_warps=num_warps)
-        return buffers.stats
+        return stats_out
     # What the compiled kernel is specialized on besides the constants: the dtypes of the
-    # caller's tensors and whether their addresses are 16-byte aligned (the buffers are).
-    key = (input_ids.device, num_warps, consts)
+    # caller's tensors and whether their addresses (and the statistics') are 16-byte aligned
+    # (the buffers are).
+    key = (input_ids.device, num_warps, consts, stats_out.data_ptr() % 16 == 0)
     key += tuple((t.dtype, t.data_ptr() % 16 == 0) for t in (input_ids, mask, types))
     compiled = _COMPILED.get(key)
     if compiled is not None:
         compiled[grid](*args, *consts)
-        return buffers.stats
+        return stats_out
     compiled = _prepare_inputs_kernel[grid](*args, *consts, num_warps=num_warps)
     if isinstance(compiled, CompiledKernel):
         _COMPILED[key] = compiled
-    return buffers.stats
+    return stats_out
 
 
 def _limit(value: int | None, name: str) -> int:

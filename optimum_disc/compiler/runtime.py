@@ -48,6 +48,9 @@ def _bucket(n: int, floor: int, steps: int = 4) -> int:
 _AHEAD_AFTER = 2
 _AHEAD_MAX_MISSES = 3
 _STREAKS_MAX = 4096
+# The input kernel writes its statistics straight into pinned host memory (no device-to-host
+# copy to launch before the call's one wait); False: into the device buffers, then copied.
+_STATS_TO_HOST = True
 
 
 def _row_bucket(real_tokens: int) -> int:
@@ -166,6 +169,7 @@ class CompiledModel:
         self._inputs.clear()
         self._streaks.clear()
         self._pool = None
+        self._stats_host = self._stats_ready = None  # made again on the new device
         return self
 
     def __repr__(self) -> str:
@@ -304,6 +308,7 @@ class CompiledModel:
             inputs,
             pad_id,
             *self._table_sizes,
+            stats_out=self._host_statistics(),
         )
         # A shape whose last calls all took the same graph, one that computes every position of
         # its bucket, replays it before the statistics are back (see `_guess`).
@@ -343,16 +348,29 @@ class CompiledModel:
             outs = self._execute(static)
         return self._epilogue(outs, static, batch, seq, real_tokens, remove)
 
-    def _read_back(self, stats: torch.Tensor, ahead=None) -> list[int]:
-        """The statistics on the host. On a GPU they are copied into pinned memory and waited
-        for by an event; ``ahead`` (a CUDA graph) is launched between the copy and the wait, so
-        that the GPU runs it while the host reads and checks them."""
-        if stats.device.type != "cuda":
-            return stats.tolist()
+    def _host_statistics(self) -> torch.Tensor | None:
+        """On a GPU, the pinned host buffer that the input kernel writes its statistics to (one
+        per model: calls of a model run one at a time)."""
+        if self.device.type != "cuda" or not _STATS_TO_HOST:
+            return None
         if self._stats_host is None:
-            self._stats_host = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
+            stats = len(self._kernels.prologue.STATS)
+            self._stats_host = torch.zeros(stats, dtype=torch.int64, pin_memory=True)
             self._stats_ready = torch.cuda.Event()
-        self._stats_host.copy_(stats, non_blocking=True)
+        return self._stats_host
+
+    def _read_back(self, stats: torch.Tensor, ahead=None) -> list[int]:
+        """The statistics on the host, waited for by an event recorded behind the input
+        kernel. On a GPU that kernel wrote them into pinned host memory (`_host_statistics`),
+        so there is nothing to copy; ``ahead`` (a CUDA graph) is launched between the event and
+        the wait, so that the GPU runs it while the host reads and checks them."""
+        if self.device.type != "cuda":
+            return stats.tolist()
+        if stats.device.type == "cuda":  # `_STATS_TO_HOST` off: copy them into pinned memory
+            if self._stats_host is None:
+                self._stats_host = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
+                self._stats_ready = torch.cuda.Event()
+            self._stats_host.copy_(stats, non_blocking=True)
         self._stats_ready.record()
         if ahead is not None:
             ahead.replay()

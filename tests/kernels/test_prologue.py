@@ -64,6 +64,32 @@ def test_buffers_hold_clamped_ids_and_statistics_the_raw_ones(id_limit, type_lim
         prepare_inputs(ids, mask, types, buffers, None, 0, type_limit)
 
 
+def test_statistics_into_a_host_buffer(device, seed):
+    """``stats_out``: the statistics land there (on a GPU, pinned host memory the kernel writes
+    directly, read after an event behind the launch), the buffers' own are left alone, and
+    every call overwrites all eight."""
+    on_gpu = device != "cpu"
+    host = torch.full((8,), -99, dtype=torch.int64, pin_memory=on_gpu)
+    buffers = InputBuffers(8, 16, device)
+    buffers.stats.fill_(-7)
+    for batch, seq in ((3, 9), (8, 16), (1, 1)):
+        ids = torch.randint(-5, 100, (batch, seq), device=device)
+        mask = torch.randint(0, 2, (batch, seq), device=device)
+        types = torch.randint(0, 2, (batch, seq), device=device)
+        got = prepare_inputs(ids, mask, types, buffers, None, 60, 2, stats_out=host)
+        assert got is host
+        if on_gpu:
+            done = torch.cuda.Event()
+            done.record()
+            done.synchronize()
+        ref = prepare_inputs_reference(ids, mask, types, 8, 16, None, 60, 2)
+        assert host.tolist() == ref[3].tolist(), f"[{batch}, {seq}], seed {seed}"
+        assert torch.equal(buffers.ids, ref[0]), f"[{batch}, {seq}], seed {seed}"
+        assert buffers.stats.tolist() == [-7] * 8
+    with pytest.raises(ValueError, match="stats_out is torch.int32 with 8 elements"):
+        prepare_inputs(ids, mask, types, buffers, stats_out=host.int())
+
+
 def test_strided_inputs(device, seed):
     wide = torch.randint(0, 50, (4, 20), device=device)
     ids = wide[:, ::2]
