@@ -31,6 +31,12 @@ Levers:
   ahead          (not in the default list) a shape whose last calls took one CUDA graph that
                  computes every position replays it before the input statistics are read back
                  (off: every call waits for the statistics, then launches its graph)
+  stats_to_host  (not in the default list) the input kernel writes its statistics into pinned
+                 host memory (off: into device memory, then copied to the host)
+  first_token_rows
+                 (not in the default list) a model whose head pools the first token runs its
+                 last layer after the attention's keys and values on that token only (off: on
+                 every row)
   baseline       every lever on, timed again (the spread between two timings of one code)
 
   attention16_BMxBNxWxS
@@ -67,6 +73,8 @@ MORE_LEVERS = (
     "attention_small_blocks",
     "split_k_large",
     "ahead",
+    "stats_to_host",
+    "first_token_rows",
     "no_layernorm",
     "no_attention",
     "no_gelu",
@@ -147,6 +155,13 @@ def lever_off(name: str):
     elif name == "ahead":
         saved_ahead = runtime._AHEAD_AFTER
         runtime._AHEAD_AFTER = 1 << 62
+    elif name == "stats_to_host":
+        runtime._STATS_TO_HOST = False
+    elif name == "first_token_rows":
+        import optimum_disc.compiler as compiler
+
+        saved_passes = compiler.PASSES
+        compiler.PASSES = tuple(p for p in saved_passes if p.__name__ != name)
     elif name.startswith("fp32_gemm_pdl_"):
         saved = {"FP32_PDL": matmul.FP32_PDL}
         matmul.FP32_PDL = name.removeprefix("fp32_gemm_pdl_")
@@ -166,6 +181,10 @@ def lever_off(name: str):
             attention._launch_config = saved_attention
         if name == "ahead":
             runtime._AHEAD_AFTER = saved_ahead
+        if name == "first_token_rows":
+            compiler.PASSES = saved_passes
+        if name == "stats_to_host":
+            runtime._STATS_TO_HOST = True
         if name in ("no_layernorm", "no_attention", "no_gelu"):
             runtime._LAUNCH.clear()
             runtime._LAUNCH.update(saved_launch)
@@ -190,14 +209,16 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--config", default="bert-base-multilingual-uncased")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--output", default=None, help="folder for levers.json and levers.md")
+    parser.add_argument(
+        "--output", default=None, help="folder for levers.json, levers.md and gemm_configs.json"
+    )
     args = parser.parse_args(argv)
 
     from optimum_disc.benchmark import BenchmarkOptions, parse_shapes, run_benchmark
 
     levers = [x for x in args.levers.split(",") if x]
     shapes = parse_shapes(args.shapes)
-    rows = {}
+    rows, configs = {}, {}
     for i, variant in enumerate(["baseline", *levers]):
         label = variant if variant not in rows else f"{variant} ({i + 1}.)"
         with lever_off(variant) as settings:
@@ -219,6 +240,10 @@ def main(argv=None) -> int:
         if args.dataset:
             got["data-set pass"] = (peer.get("dataset") or {}).get("ms_per_pass")
         rows[label] = got
+        configs[label] = {
+            "shapes": peer.get("gemm_configs"),
+            "data-set pass": (peer.get("dataset") or {}).get("gemm_configs"),
+        }
         print(f"{label}: {got}", file=sys.stderr, flush=True)
 
     columns = list(rows["baseline"])
@@ -247,6 +272,9 @@ def main(argv=None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / "levers.json").write_text(json.dumps(rows, indent=1) + "\n")
         (out / "levers.md").write_text(table)
+        # What the tuner picked in each variant (a lever that changes the tuner's candidates
+        # shows here whether they were taken).
+        (out / "gemm_configs.json").write_text(json.dumps(configs, indent=1) + "\n")
     return 0
 
 

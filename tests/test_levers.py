@@ -71,3 +71,22 @@ def test_split_k_large_removes_only_the_many_row_candidates(levers):
     with levers.lever_off("split_k"):
         assert matmul._SPLIT_K_LARGE == ()
     assert matmul._SPLIT_K_LARGE is large and matmul._SPLIT_K_CANDIDATES is small
+
+
+def test_first_token_rows_lever_drops_only_that_pass(levers):
+    import optimum_disc.compiler as compiler
+
+    before = compiler.PASSES
+    assert "first_token_rows" in [p.__name__ for p in before]
+    with levers.lever_off("first_token_rows"):
+        assert [p.__name__ for p in compiler.PASSES] == [
+            p.__name__ for p in before if p.__name__ != "first_token_rows"
+        ]
+    assert compiler.PASSES is before
+
+
+def test_stats_to_host_lever_turns_it_off_and_back_on(levers):
+    assert runtime._STATS_TO_HOST is True
+    with levers.lever_off("stats_to_host"):
+        assert runtime._STATS_TO_HOST is False
+    assert runtime._STATS_TO_HOST is True
