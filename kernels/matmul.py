@@ -1192,24 +1192,6 @@ _SPLIT_K_CANDIDATES = {
 }
 
 
-# Split-K candidates for many rows (16-bit) where the output has too few tiles to fill the GPU:
-# BERT's projections to the hidden width (N = 768: attention output and FFN down, K = 3072) at
-# 1,024 to 4,096 rows give 48 to 192 tiles of 128 x 128 for 132 SMs, each tile a whole K loop
-# (48 blocks of 64 for FFN down) while a third of the SMs or more idle in the last wave. Cutting
-# K shortens that loop at the price of an fp32 partial per slice; the tuner decides where it pays.
-_SPLIT_K_LARGE = (
-    (128, 128, 64, 8, 3, 2),
-    (128, 128, 64, 8, 3, 4),
-    (128, 64, 64, 4, 4, 2),
-)
-# ... offered where the output has fewer 128 x 128 tiles than this many SMs' worth (two waves).
-_SPLIT_K_LARGE_MAX_WAVES = 2
-
-
-def _under_filled(bucket: int, n: int) -> bool:
-    return triton.cdiv(bucket, 128) * triton.cdiv(n, 128) < _SPLIT_K_LARGE_MAX_WAVES * _SM_COUNT
-
-
 # Persistent TMA kernel candidates (backend "tma"), 16-bit and at least _TMA_MIN_ROWS rows (the
 # regime of compute-bound tiles, where hiding each tile's pipeline fill behind the next tile's
 # loads is what the persistent kernel adds). The tuner times every candidate with its epilogue,
@@ -1248,7 +1230,8 @@ def candidate_configs(
     """Configs worth timing on Hopper for this shape and dtype; the default comes first.
     ``tma=False`` leaves out the "tma" backend (for GPUs older than Hopper), which is only
     a candidate for 16-bit inputs and at least 512 rows. Split-K is a candidate at up to 256
-    rows, and above for 16-bit outputs with fewer tiles than two waves of the GPU.
+    rows. (Above, split-K candidates for outputs with fewer tiles than two waves of the GPU were
+    timed and never chosen at BERT-base's shapes, on an H200: docs/performance.md.)
 
     >>> import torch
     >>> cands = candidate_configs(4096, 768, 768, torch.bfloat16)
@@ -1264,8 +1247,6 @@ def candidate_configs(
         tuples += [(cfg, "triton") for cfg in _SPLIT_K_CANDIDATES[key[0]]]
     elif key[0] == "16bit" and tma and bucket >= _TMA_MIN_ROWS:
         tuples += [(cfg, "tma") for cfg in _TMA_CANDIDATES]
-    if key == ("16bit", "large") and _under_filled(bucket, n):
-        tuples += [(cfg, "triton") for cfg in _SPLIT_K_LARGE]
     for cfg, backend in tuples:
         c = replace(_clamp(cfg, bucket, n, k), backend=backend)
         if c not in found and c.smem_bytes(dtype) <= _SMEM_BUDGET and _split_fits(c, k):

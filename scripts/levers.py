@@ -12,8 +12,6 @@ Levers:
   pdl            programmatic dependent launch (each kernel starts, and prefetches its weights,
                  while the previous one finishes; Hopper and newer)
   split_k        split-K GEMM configs (tuner candidates, and the default for few rows, long K)
-  split_k_large  (not in the default list) split-K candidates for many rows where the output
-                 has too few tiles to fill the GPU (16-bit)
   cublas         cuBLAS as a tuner candidate beside the Triton GEMM
   tma            the persistent TMA GEMM as a tuner candidate (16-bit, more than 256 rows)
   autotune       GEMM block shapes timed per shape bucket (off: the built-in heuristic)
@@ -71,7 +69,6 @@ MORE_LEVERS = (
     "fp32_gemm_pdl_wait",
     "fp32_gemm_pdl_on",
     "attention_small_blocks",
-    "split_k_large",
     "ahead",
     "stats_to_host",
     "first_token_rows",
@@ -97,15 +94,10 @@ def lever_off(name: str):
     elif name == "split_k":
         saved = {
             "_SPLIT_K_CANDIDATES": matmul._SPLIT_K_CANDIDATES,
-            "_SPLIT_K_LARGE": matmul._SPLIT_K_LARGE,
             "_default_split_k": matmul._default_split_k,
         }
         matmul._SPLIT_K_CANDIDATES = {key: () for key in matmul._SPLIT_K_CANDIDATES}
-        matmul._SPLIT_K_LARGE = ()
         matmul._default_split_k = lambda cfg, m, n, k: cfg
-    elif name == "split_k_large":
-        saved = {"_SPLIT_K_LARGE": matmul._SPLIT_K_LARGE}
-        matmul._SPLIT_K_LARGE = ()
     elif name in ("cublas", "tma"):
         saved = {"tuning_candidates": matmul.tuning_candidates}
         real = matmul.tuning_candidates
@@ -170,7 +162,7 @@ def lever_off(name: str):
     elif name != "baseline":
         raise ValueError(f"unknown lever {name!r}; choose among {', '.join(LEVERS + MORE_LEVERS)}")
     matmul._default_config.cache_clear()
-    if name in ("split_k", "split_k_large", "cublas", "tma", "autotune"):
+    if name in ("split_k", "cublas", "tma", "autotune"):
         runtime._TUNED.clear()  # the tuner's choices of another variant must not be reused
     try:
         yield settings
@@ -193,7 +185,7 @@ def lever_off(name: str):
         else:
             os.environ["OPTIMUM_DISC_PDL"] = env
         matmul._default_config.cache_clear()
-        if name in ("split_k", "split_k_large", "cublas", "tma", "autotune"):
+        if name in ("split_k", "cublas", "tma", "autotune"):
             runtime._TUNED.clear()
 
 

@@ -61,16 +61,14 @@ def test_ahead_lever_stops_graphs_running_ahead_and_restores_it(levers):
     assert before == runtime._AHEAD_AFTER
 
 
-def test_split_k_large_removes_only_the_many_row_candidates(levers):
+def test_split_k_lever_removes_the_split_k_candidates_and_restores_them(levers):
     from optimum_disc.kernels import matmul
 
-    small, large = matmul._SPLIT_K_CANDIDATES, matmul._SPLIT_K_LARGE
-    assert large
-    with levers.lever_off("split_k_large"):
-        assert matmul._SPLIT_K_LARGE == () and matmul._SPLIT_K_CANDIDATES is small
+    small = matmul._SPLIT_K_CANDIDATES
+    assert any(small.values())
     with levers.lever_off("split_k"):
-        assert matmul._SPLIT_K_LARGE == ()
-    assert matmul._SPLIT_K_LARGE is large and matmul._SPLIT_K_CANDIDATES is small
+        assert not any(matmul._SPLIT_K_CANDIDATES.values())
+    assert matmul._SPLIT_K_CANDIDATES is small
 
 
 def test_first_token_rows_lever_drops_only_that_pass(levers):
