@@ -17,8 +17,9 @@ network, two LayerNorms and the attention's queries): about a twelfth of a call 
 The rewritten region is the set of row-wise nodes (``linear``, ``layer_norm``) and attention
 nodes, found walking up from the pooling, whose every user is in the region or the pooling
 itself; row inputs from outside it (the residual stream) are gathered with ``first_token``. The
-pass applies only when the region holds an attention node (the gathers it adds are then no more
-than the pooling it removes).
+pass applies only when the region holds an attention node, where the work saved is most of a
+layer; in the BERT family the one gather it adds (the residual into the attention output
+projection) takes the place of the pooling's own.
 """
 
 from __future__ import annotations
