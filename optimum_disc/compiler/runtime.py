@@ -348,16 +348,20 @@ class CompiledModel:
             outs = self._execute(static)
         return self._epilogue(outs, static, batch, seq, real_tokens, remove)
 
-    def _host_statistics(self) -> torch.Tensor | None:
-        """On a GPU, the pinned host buffer that the input kernel writes its statistics to (one
-        per model: calls of a model run one at a time)."""
-        if self.device.type != "cuda" or not _STATS_TO_HOST:
-            return None
+    def _pinned_statistics(self) -> torch.Tensor:
+        """The pinned host buffer of the statistics and the event that says they are there
+        (one per model: calls of a model run one at a time)."""
         if self._stats_host is None:
             stats = len(self._kernels.prologue.STATS)
             self._stats_host = torch.zeros(stats, dtype=torch.int64, pin_memory=True)
             self._stats_ready = torch.cuda.Event()
         return self._stats_host
+
+    def _host_statistics(self) -> torch.Tensor | None:
+        """On a GPU, where the input kernel writes its statistics: the pinned host buffer."""
+        if self.device.type != "cuda" or not _STATS_TO_HOST:
+            return None
+        return self._pinned_statistics()
 
     def _read_back(self, stats: torch.Tensor, ahead=None) -> list[int]:
         """The statistics on the host, waited for by an event recorded behind the input
@@ -367,10 +371,7 @@ class CompiledModel:
         if self.device.type != "cuda":
             return stats.tolist()
         if stats.device.type == "cuda":  # `_STATS_TO_HOST` off: copy them into pinned memory
-            if self._stats_host is None:
-                self._stats_host = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
-                self._stats_ready = torch.cuda.Event()
-            self._stats_host.copy_(stats, non_blocking=True)
+            self._pinned_statistics().copy_(stats, non_blocking=True)
         self._stats_ready.record()
         if ahead is not None:
             ahead.replay()
