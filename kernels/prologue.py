@@ -80,12 +80,29 @@ def _prepare_inputs_kernel(
     PAD_ID,
     ID_LIMIT,
     TYPE_LIMIT,
+    table_ptr,
     HAS_MASK: tl.constexpr,
     HAS_TYPES: tl.constexpr,
     HAS_PAD: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    TABLE: tl.constexpr = False,
 ):
+    if TABLE:
+        # The caller's tensors, shape and strides come from the table (`fill_table`) instead of
+        # the arguments, which only give the element types: a CUDA graph of this launch then
+        # serves every call of the bucket, whatever tensors it is given.
+        ids_ptr = tl.load(table_ptr + 0).to(tl.pointer_type(ids_ptr.dtype.element_ty))
+        mask_ptr = tl.load(table_ptr + 1).to(tl.pointer_type(mask_ptr.dtype.element_ty))
+        types_ptr = tl.load(table_ptr + 2).to(tl.pointer_type(types_ptr.dtype.element_ty))
+        B = tl.load(table_ptr + 3)
+        S = tl.load(table_ptr + 4)
+        stride_ids_b = tl.load(table_ptr + 5)
+        stride_ids_s = tl.load(table_ptr + 6)
+        stride_mask_b = tl.load(table_ptr + 7)
+        stride_mask_s = tl.load(table_ptr + 8)
+        stride_types_b = tl.load(table_ptr + 9)
+        stride_types_s = tl.load(table_ptr + 10)
     b = tl.program_id(0)
     cols = tl.arange(0, BLOCK_S)
     in_row = b < B
@@ -182,6 +199,38 @@ def _prepare_inputs_kernel(
         tl.atomic_xchg(ticket_ptr, 0)
 
 
+class InputTable:
+    """Where the input kernel finds the caller's tensors when launched with ``table=``: their
+    addresses, the ``[B, S]`` shape and the strides, eleven int64 values in host memory (pinned
+    for a GPU launch, which reads them in place over the bus).
+
+    The values are the host's at the time the kernel runs, so one table serves one launch at a
+    time: fill it, launch (or replay a graph of the launch), and wait for that launch to finish
+    before filling it again. The tensors it names must stay alive until then.
+    """
+
+    FIELDS = 11
+
+    def __init__(self, pin: bool = False):
+        self.tensor = torch.zeros(self.FIELDS, dtype=torch.int64, pin_memory=pin)
+        self._values = self.tensor.numpy()
+
+    def fill(self, input_ids, attention_mask=None, token_type_ids=None) -> None:
+        """Write the addresses, shape and strides of these inputs (a missing mask or segment ids
+        is never read: the input ids stand in for it)."""
+        mask = attention_mask if attention_mask is not None else input_ids
+        types = token_type_ids if token_type_ids is not None else input_ids
+        self._values[:] = (
+            input_ids.data_ptr(),
+            mask.data_ptr(),
+            types.data_ptr(),
+            *input_ids.shape,
+            *input_ids.stride(),
+            *mask.stride(),
+            *types.stride(),
+        )
+
+
 class InputBuffers:
     """The padded ``[b_pad, s_pad]`` int64 buffers of one shape bucket and the scratch of the
     statistics (the ticket starts at zero and is left at zero by every launch)."""
@@ -203,6 +252,7 @@ def prepare_inputs(
     id_limit: int | None = None,
     type_limit: int | None = None,
     stats_out: torch.Tensor | None = None,
+    table: InputTable | None = None,
 ) -> torch.Tensor:
     """Copy ``[B, S]`` inputs into ``buffers`` (zeros past B and S) and return the eight
     statistics of ``STATS`` as an int64 tensor on the device (``pad_before_real`` counts real
@@ -215,6 +265,12 @@ def prepare_inputs(
     returned. For a GPU launch it may be pinned host memory, which the kernel writes directly:
     the host then reads the numbers without a copy, once the launch has finished (after an
     event recorded behind it has completed).
+
+    ``table`` (an `InputTable`) is filled with the inputs' addresses, shape and strides, and
+    the kernel reads them from there instead of from its arguments: a CUDA graph captured around
+    such a launch computes, at each replay, on the inputs the table holds then (see
+    `InputTable.fill`). The graph is only valid for inputs of the same dtypes, with the same
+    arguments given or left out, and of a shape that fits ``buffers``.
 
     >>> import torch
     >>> buf = InputBuffers(4, 16, "cpu")
@@ -242,6 +298,12 @@ def prepare_inputs(
         )
     mask = attention_mask if attention_mask is not None else input_ids
     types = token_type_ids if token_type_ids is not None else input_ids
+    if table is not None:
+        if not isinstance(table, InputTable):
+            raise TypeError(f"table is a {type(table).__name__}; pass an InputTable")
+        if input_ids.is_cuda and not table.tensor.is_pinned():
+            raise ValueError("a GPU launch reads its table in place: make it InputTable(pin=True)")
+        table.fill(input_ids, attention_mask, token_type_ids)
     block_s = max(16, triton.next_power_of_2(buffers.s_pad))
     args = (
         input_ids,
@@ -266,9 +328,11 @@ def prepare_inputs(
         pad_token_id if pad_token_id is not None else 0,
         _limit(id_limit, "id_limit"),
         _limit(type_limit, "type_limit"),
+        table.tensor if table is not None else buffers.ticket,
     )
     consts = (attention_mask is not None, token_type_ids is not None, pad_token_id is not None)
-    consts += (block_s, 256)  # HAS_MASK, HAS_TYPES, HAS_PAD, BLOCK_S, BLOCK_R
+    consts += (block_s, 256, table is not None)  # HAS_MASK, HAS_TYPES, HAS_PAD, BLOCK_S, BLOCK_R,
+    # TABLE
     num_warps = 4 if block_s <= 1024 else 8
     grid = (buffers.b_pad, 1, 1)
     if interpreted() or _launch.compiling_only():
@@ -278,6 +342,7 @@ def prepare_inputs(
     # caller's tensors and whether their addresses (and the statistics') are 16-byte aligned
     # (the buffers are).
     key = (input_ids.device, num_warps, consts, stats_out.data_ptr() % 16 == 0)
+    key += (args[-1].data_ptr() % 16 == 0,)  # the table (or a stand-in)
     key += tuple((t.dtype, t.data_ptr() % 16 == 0) for t in (input_ids, mask, types))
     compiled = _COMPILED.get(key)
     if compiled is not None:

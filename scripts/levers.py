@@ -31,6 +31,9 @@ Levers:
                  (off: every call waits for the statistics, then launches its graph)
   stats_to_host  (not in the default list) the input kernel writes its statistics into pinned
                  host memory (off: into device memory, then copied to the host)
+  input_graphs   (not in the default list) the input kernel runs as a CUDA graph of its own that
+                 reads each call's tensors from a pinned table (off: launched through Triton
+                 every call)
   first_token_rows
                  (not in the default list) a model whose head pools the first token runs its
                  last layer after the attention's keys and values on that token only (off: on
@@ -71,6 +74,7 @@ MORE_LEVERS = (
     "attention_small_blocks",
     "ahead",
     "stats_to_host",
+    "input_graphs",
     "first_token_rows",
     "no_layernorm",
     "no_attention",
@@ -149,6 +153,8 @@ def lever_off(name: str):
         runtime._AHEAD_AFTER = 1 << 62
     elif name == "stats_to_host":
         runtime._STATS_TO_HOST = False
+    elif name == "input_graphs":
+        runtime._INPUT_GRAPHS = False
     elif name == "first_token_rows":
         import optimum_disc.compiler as compiler
 
@@ -177,6 +183,8 @@ def lever_off(name: str):
             compiler.PASSES = saved_passes
         if name == "stats_to_host":
             runtime._STATS_TO_HOST = True
+        if name == "input_graphs":
+            runtime._INPUT_GRAPHS = True
         if name in ("no_layernorm", "no_attention", "no_gelu"):
             runtime._LAUNCH.clear()
             runtime._LAUNCH.update(saved_launch)

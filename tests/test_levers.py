@@ -88,3 +88,10 @@ def test_stats_to_host_lever_turns_it_off_and_back_on(levers):
     with levers.lever_off("stats_to_host"):
         assert runtime._STATS_TO_HOST is False
     assert runtime._STATS_TO_HOST is True
+
+
+def test_input_graphs_lever_turns_them_off_and_back_on(levers):
+    assert runtime._INPUT_GRAPHS is True
+    with levers.lever_off("input_graphs"):
+        assert runtime._INPUT_GRAPHS is False
+    assert runtime._INPUT_GRAPHS is True

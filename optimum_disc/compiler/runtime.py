@@ -51,6 +51,10 @@ _STREAKS_MAX = 4096
 # The input kernel writes its statistics straight into pinned host memory (no device-to-host
 # copy to launch before the call's one wait); False: into the device buffers, then copied.
 _STATS_TO_HOST = True
+# The input kernel of a bucket runs as a CUDA graph of its launch, which reads the caller's
+# tensors from a pinned table the host fills (`prologue.InputTable`): replaying it takes a few
+# microseconds of the host where a launch through Triton takes tens; False: launched each call.
+_INPUT_GRAPHS = True
 
 
 def _row_bucket(real_tokens: int) -> int:
@@ -146,6 +150,8 @@ class CompiledModel:
         self._pool = None
         self._streaks: dict = {}
         self._stats_host = self._stats_ready = None
+        self._input_graphs: dict = {}
+        self._table, self._table_in_flight = None, False
         self.to(device or next(iter(program.weights.values())).device)
 
     # -- the transformers-like surface ------------------------------------------------------
@@ -170,6 +176,8 @@ class CompiledModel:
         self._streaks.clear()
         self._pool = None
         self._stats_host = self._stats_ready = None  # made again on the new device
+        self._input_graphs.clear()
+        self._table, self._table_in_flight = None, False
         return self
 
     def __repr__(self) -> str:
@@ -301,15 +309,31 @@ class CompiledModel:
         meta = self.program.meta
         positions = meta.get("positions")
         pad_id = positions["pad_token_id"] if positions is not None else None
-        stats = self._kernels.prologue.prepare_inputs(
-            ids,
-            mask,
-            types,
-            inputs,
-            pad_id,
-            *self._table_sizes,
-            stats_out=self._host_statistics(),
-        )
+        # With CUDA graphs the input kernel is a graph of its own too, one per bucket of the
+        # input buffers and kind of inputs (`_capture_inputs`): the kernel reads the caller's
+        # tensors from the table filled here.
+        kind = (b_pad, s_pad, *(None if t is None else t.dtype for t in (ids, mask, types)))
+        tabled = graphs and _INPUT_GRAPHS
+        input_graph = self._input_graphs.get(kind) if tabled else None
+        if input_graph is not None:
+            self._fill_table(ids, mask, types)
+            input_graph.replay()
+            stats = self._host_statistics()
+            stats = stats if stats is not None else inputs.stats
+        else:
+            if tabled and self._table_in_flight:
+                torch.cuda.synchronize(self.device)
+            stats = self._kernels.prologue.prepare_inputs(
+                ids,
+                mask,
+                types,
+                inputs,
+                pad_id,
+                *self._table_sizes,
+                stats_out=self._host_statistics(),
+                table=self._input_table() if tabled else None,
+            )
+            self._table_in_flight = tabled
         # A shape whose last calls all took the same graph, one that computes every position of
         # its bucket, replays it before the statistics are back (see `_guess`).
         guess = self._guess(batch, seq) if graphs else None
@@ -342,11 +366,47 @@ class CompiledModel:
             static, outs, graph = entry
             if not (ahead is not None and key == guess):
                 graph.replay()  # else it ran ahead, on these very inputs
+            if tabled and input_graph is None:
+                self._capture_inputs(kind, ids, mask, types, inputs, pad_id)
         else:
             static = self._static_inputs(key, inputs)
             self._derive(static)
             outs = self._execute(static)
         return self._epilogue(outs, static, batch, seq, real_tokens, remove)
+
+    def _input_table(self):
+        """The pinned table the input kernel reads the caller's tensors from (one per model:
+        calls of a model run one at a time, and each waits for its input kernel)."""
+        if self._table is None:
+            self._table = self._kernels.prologue.InputTable(pin=True)
+        return self._table
+
+    def _fill_table(self, ids, mask, types) -> None:
+        # The input kernel of the last call that used the table has finished unless that call
+        # stopped between its launch and its wait (an exception): wait for it then.
+        if self._table_in_flight:
+            torch.cuda.synchronize(self.device)
+        self._input_table().fill(ids, mask, types)
+        self._table_in_flight = True
+
+    def _capture_inputs(self, kind, ids, mask, types, inputs, pad_id) -> None:
+        """The CUDA graph of the input kernel for this bucket of input buffers and kind of
+        inputs (dtypes, mask and segment ids given or not), launched once already (compiled)."""
+        graph = torch.cuda.CUDAGraph()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            self._kernels.prologue.prepare_inputs(
+                ids,
+                mask,
+                types,
+                inputs,
+                pad_id,
+                *self._table_sizes,
+                stats_out=self._host_statistics(),
+                table=self._input_table(),
+            )
+        self._input_graphs[kind] = graph
 
     def _pinned_statistics(self) -> torch.Tensor:
         """The pinned host buffer of the statistics and the event that says they are there
@@ -376,6 +436,7 @@ class CompiledModel:
         if ahead is not None:
             ahead.replay()
         self._stats_ready.synchronize()
+        self._table_in_flight = False
         return self._stats_host.tolist()
 
     def _guess(self, batch: int, seq: int):

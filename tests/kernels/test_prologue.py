@@ -5,6 +5,7 @@ import torch
 
 from optimum_disc.kernels.prologue import (
     InputBuffers,
+    InputTable,
     derive_rows,
     derive_rows_reference,
     prepare_inputs,
@@ -123,6 +124,79 @@ def test_one_compiled_kernel_serves_every_size_stride_and_address(device, seed):
         assert stats.tolist() == ref[3].tolist(), f"call {i}: statistics, seed {seed}"
     if device == "cuda":
         assert prologue._COMPILED, "the input kernel was never launched from its compiled form"
+
+
+def _table_calls(g, device, n):
+    """``n`` calls of changing shapes, dtypes, strides and offsets, with and without a mask or
+    segment ids (fresh tensors each, so at fresh addresses)."""
+    for i in range(n):
+        batch = int(torch.randint(1, 9, (), generator=g))
+        seq = int(torch.randint(1, 33, (), generator=g))
+        dtype = (torch.int64, torch.int32)[i % 2]
+        offset = i % 3
+        wide = torch.randint(-3, 60, (batch, seq + 5), generator=g).to(device, dtype)
+        ids = wide[:, offset : offset + seq]
+        mask = (torch.rand(batch, seq + 1, generator=g) > 0.3).to(device, dtype)[:, 1:]
+        types = torch.randint(0, 2, (batch, seq), generator=g).to(device, dtype)
+        yield i, ids, (mask if i % 3 else None), (types if i % 4 else None)
+
+
+def test_table_launch_reads_the_inputs_from_the_table(device, seed, monkeypatch):
+    """``table=``: the kernel takes the caller's tensors, shape and strides from the table, and
+    computes what the plain launch computes, for every kind of input. Then as a graph replay
+    would: the table holds one call's inputs while the launch is given stand-ins of the same
+    kind (dtypes, arguments left out), which only type the kernel."""
+    g = torch.Generator().manual_seed(seed)
+    table = InputTable(pin=device != "cpu")
+    buffers = InputBuffers(8, 32, device)
+    for i, ids, mask, types in _table_calls(g, device, 12):
+        ref = prepare_inputs_reference(ids, mask, types, 8, 32, 3, 50, 2)
+        stats = prepare_inputs(ids, mask, types, buffers, 3, 50, 2, table=table).clone()
+        assert table.tensor[3:5].tolist() == list(ids.shape)
+        table.fill(ids, mask, types)
+        stand_in = [None if t is None else torch.zeros_like(t[:1, :1]) for t in (ids, mask, types)]
+        with monkeypatch.context() as m:
+            m.setattr(table, "fill", lambda *args: None)
+            replayed = prepare_inputs(*stand_in, buffers, 3, 50, 2, table=table).clone()
+        for what, got in (("launch", stats), ("stand-ins", replayed)):
+            assert got.tolist() == ref[3].tolist(), f"call {i} {what}: statistics, seed {seed}"
+        got = (buffers.ids, buffers.mask, buffers.types)
+        for name, a, b in zip(("ids", "mask", "types"), got, ref[:3]):
+            assert torch.equal(a, b), f"call {i} {tuple(ids.shape)}: {name}, seed {seed}"
+    with pytest.raises(TypeError, match="pass an InputTable"):
+        prepare_inputs(ids, mask, types, buffers, table=table.tensor)
+
+
+@pytest.mark.gpu
+def test_graph_of_a_table_launch_serves_new_inputs(seed):
+    """A CUDA graph captured around one table launch, replayed after the table is filled with
+    other inputs (other shapes of the bucket, addresses and strides), computes on those."""
+    g = torch.Generator().manual_seed(seed)
+    table = InputTable(pin=True)
+    buffers = InputBuffers(8, 32, "cuda")
+    stats = torch.zeros(8, dtype=torch.int64, pin_memory=True)
+    kinds = {}
+    for i, ids, mask, types in _table_calls(g, "cuda", 24):
+        kind = (ids.dtype, mask is None, types is None)
+        if kind not in kinds:  # one graph per dtype and arguments given, as the runtime keeps
+            prepare_inputs(ids, mask, types, buffers, 3, 50, 2, stats_out=stats, table=table)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                prepare_inputs(ids, mask, types, buffers, 3, 50, 2, stats_out=stats, table=table)
+            kinds[kind] = graph
+        stats.fill_(-1)
+        table.fill(ids, mask, types)
+        kinds[kind].replay()
+        torch.cuda.synchronize()
+        ref = prepare_inputs_reference(ids, mask, types, 8, 32, 3, 50, 2)
+        got = (buffers.ids, buffers.mask, buffers.types)
+        for name, a, b in zip(("ids", "mask", "types"), got, ref[:3]):
+            assert torch.equal(a, b), f"call {i} {tuple(ids.shape)}: {name}, seed {seed}"
+        assert stats.tolist() == ref[3].tolist(), f"call {i}: statistics, seed {seed}"
+    assert len(kinds) > 1
+    with pytest.raises(ValueError, match="pin=True"):
+        prepare_inputs(ids, mask, types, buffers, table=InputTable())
 
 
 @pytest.mark.parametrize("with_mask", [True, False])

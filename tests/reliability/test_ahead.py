@@ -152,3 +152,54 @@ def test_a_guessed_graph_that_was_evicted_is_not_run(base_eager, seed):
         out = compiled(**inputs)
         compare(out, eager(model, inputs), inputs["attention_mask"], True, f"seed {seed}")
         assert len(compiled._graphs) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_the_input_kernels_graph_serves_every_call_of_its_bucket(base_eager, seed):
+    """From the second call of a bucket of input buffers and kind of inputs (dtypes, mask and
+    segment ids given or not), the input kernel runs as a CUDA graph that reads each call's
+    tensors from the pinned table: the results stay each call's own for fresh tensors at new
+    addresses, int32 and int64 ids, strided views, every padding style, shapes that share a
+    bucket, and after a call that the checks refused."""
+    model, _ = base_eager
+    compiled = optimize(model, DiscSettings(precision="fp32"))
+    generator = torch.Generator().manual_seed(seed)
+    replays = []
+    real_replay = torch.cuda.CUDAGraph.replay
+
+    def counting_replay(graph):
+        replays.append(graph)
+        return real_replay(graph)
+
+    kinds_seen = set()
+    torch.cuda.CUDAGraph.replay = counting_replay
+    try:
+        for i in range(18):
+            batch, seq = ((2, 16), (2, 13), (3, 16))[i % 3]
+            padding = ("none", "right", "random")[i // 3 % 3]
+            full = random_inputs(generator, batch, seq, padding)
+            dtype = (torch.int64, torch.int32)[i // 9]
+            inputs = {}
+            for name, t in full.items():
+                if name == "token_type_ids" and i % 2:
+                    continue
+                wide = torch.zeros(batch, seq + 3, dtype=dtype, device=t.device)
+                wide[:, 1 : seq + 1] = t
+                inputs[name] = wide[:, 1 : seq + 1] if i % 4 == 0 else t.to(dtype)
+            want = eager(model, {k: v.long() for k, v in inputs.items()})
+            kind = (batch, 16, dtype, "token_type_ids" in inputs)
+            replays.clear()
+            out = compiled(**inputs)
+            compare(out, want, inputs["attention_mask"], True, f"call {i}, seed {seed}")
+            ran = [g for g in replays if any(g is x for x in compiled._input_graphs.values())]
+            assert len(ran) == (kind in kinds_seen), f"call {i}: {len(ran)} input graph replays"
+            kinds_seen.add(kind)
+            if i == 10:
+                bad = {k: v.clone() for k, v in inputs.items()}
+                bad["input_ids"][0, 0] = 10_000
+                with pytest.raises(ValueError, match="outside the vocabulary"):
+                    compiled(**bad)
+        assert len(compiled._input_graphs) == len(kinds_seen)
+    finally:
+        torch.cuda.CUDAGraph.replay = real_replay
