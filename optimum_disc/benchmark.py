@@ -1544,15 +1544,19 @@ def error_line(e: BaseException) -> str:
 
 
 def _count_captures(compiled) -> dict:
-    """Count the CUDA graphs ``compiled`` captures from now on (evictions show up here)."""
+    """Count the CUDA graphs ``compiled`` captures from now on, of its buckets and of its input
+    kernel (evictions show up here)."""
     counter = {"n": 0}
-    original = compiled._capture
 
-    def capture(key):
-        counter["n"] += 1
-        return original(key)
+    def counting(original):
+        def capture(*args, **kwargs):
+            counter["n"] += 1
+            return original(*args, **kwargs)
 
-    compiled._capture = capture
+        return capture
+
+    compiled._capture = counting(compiled._capture)
+    compiled._capture_inputs = counting(compiled._capture_inputs)
     return counter
 
 

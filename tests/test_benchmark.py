@@ -506,3 +506,23 @@ def test_profile_table_in_the_markdown(tmp_path):
     assert "| 1.500 | 0.002 |" in table
     with pytest.raises(ValueError, match="--profile-iters"):
         benchmark.run_benchmark(benchmark.BenchmarkOptions(profile_iters=0, device="cpu"))
+
+
+def test_captures_are_counted_for_buckets_and_input_kernels():
+    """The data-set pass reports the CUDA graphs captured while it was timed: both kinds a
+    model captures count, and each capture still returns what the model's own does."""
+
+    class Model:
+        def _capture(self, key, inputs):
+            return ("graph", key, inputs)
+
+        def _capture_inputs(self, kind, ids, mask, types, inputs, pad_id):
+            return None
+
+    model = Model()
+    counter = benchmark._count_captures(model)
+    assert counter["n"] == 0
+    assert model._capture((True, 2, 16, 64), "buffers") == ("graph", (True, 2, 16, 64), "buffers")
+    model._capture_inputs((2, 16), None, None, None, None, None)
+    model._capture((True, 2, 16, 64), inputs="buffers")
+    assert counter["n"] == 3
