@@ -1383,6 +1383,7 @@ class _Run:
             res["compile_s"] = peer.setup_s + sum(first_calls)
         if spec.kind == "disc":
             res["cuda_graphs_held"] = len(peer.compiled._graphs)
+            res["input_graphs_held"] = len(peer.compiled._input_graphs)
             res["gemm_configs"] = gemm_choices(peer.compiled)
             if name == self.artifact_peer and not self.skip("artifact load"):
                 self.sec["artifact_load"] = self._artifact_load(peer)
@@ -1461,6 +1462,7 @@ class _Run:
         )
         if peer.compiled is not None:
             out["cuda_graphs_held"] = len(peer.compiled._graphs)
+            out["input_graphs_held"] = len(peer.compiled._input_graphs)
             out["cuda_graph_captures_in_timed_passes"] = captures["n"] if captures else None
             out["gemm_configs"] = gemm_choices(peer.compiled)
         if o.profile and spec.kind == "disc" and self.device.type == "cuda":
@@ -1827,7 +1829,11 @@ def _main_table(results: dict, section: dict) -> list[str]:
         if r.get("kind") != "disc" or "error" in r:
             return "–"
         a, b = r.get("cuda_graphs_held"), (r.get("dataset") or {}).get("cuda_graphs_held")
-        return " + ".join(str(x) for x in (a, b) if x is not None) or "–"
+        held = " + ".join(str(x) for x in (a, b) if x is not None) or "–"
+        a, b = r.get("input_graphs_held"), (r.get("dataset") or {}).get("input_graphs_held")
+        if a or b:
+            held += " (input kernel: " + " + ".join(str(x) for x in (a, b) if x is not None) + ")"
+        return held
 
     if any((table.get(p) or {}).get("kind") == "disc" for p in peers):
         row("CUDA graphs held (shapes + dataset)", [graphs(p) for p in peers])

@@ -102,6 +102,7 @@ def test_benchmark_on_cpu(tmp_path, tokenizer, capsys):
     assert disc["dataset"]["max_abs_diff"] < 1e-4
     assert disc["optimize_s"] > 0 and disc["compile_s"] > disc["optimize_s"]
     assert disc["cuda_graphs_held"] == 0  # no CUDA graphs on the CPU
+    assert disc["input_graphs_held"] == 0
     # The GEMM configurations each pass ran with (none tuned on the CPU), for disc peers only.
     assert disc["dataset"]["gemm_configs"] == disc["gemm_configs"] == {}
     assert "gemm_configs" not in saved["results"]["eager_fp32"]["dataset"]
@@ -117,6 +118,10 @@ def test_benchmark_on_cpu(tmp_path, tokenizer, capsys):
         and "compile / export" in table
     )
     assert table == benchmark.markdown_table(saved)
+    assert "| CUDA graphs held (shapes + dataset) | – | 0 + 0 |" in table
+    # On a GPU the input kernel's graphs are counted beside the buckets'.
+    disc["input_graphs_held"], disc["dataset"]["input_graphs_held"] = 2, 5
+    assert "| 0 + 0 (input kernel: 2 + 5) |" in benchmark.markdown_table(saved)
 
 
 def test_budget_skips_and_still_writes(tmp_path):
