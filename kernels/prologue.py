@@ -37,6 +37,12 @@ STATS = (
 _BIG = tl.constexpr(2**62)
 
 
+@triton.jit
+def _field(values, index, k: tl.constexpr):
+    # Element k of a small vector, as a scalar.
+    return tl.sum(tl.where(index == k, values, 0), axis=0)
+
+
 # Every integer argument is a run-time value (no specialization on it), so that one compiled kernel
 # serves every shape: `prepare_inputs` launches it directly after the first call (see
 # `_COMPILED`).
@@ -89,20 +95,24 @@ def _prepare_inputs_kernel(
     TABLE: tl.constexpr = False,
 ):
     if TABLE:
-        # The caller's tensors, shape and strides come from the table (`fill_table`) instead of
-        # the arguments, which only give the element types: a CUDA graph of this launch then
-        # serves every call of the bucket, whatever tensors it is given.
-        ids_ptr = tl.load(table_ptr + 0).to(tl.pointer_type(ids_ptr.dtype.element_ty))
-        mask_ptr = tl.load(table_ptr + 1).to(tl.pointer_type(mask_ptr.dtype.element_ty))
-        types_ptr = tl.load(table_ptr + 2).to(tl.pointer_type(types_ptr.dtype.element_ty))
-        B = tl.load(table_ptr + 3)
-        S = tl.load(table_ptr + 4)
-        stride_ids_b = tl.load(table_ptr + 5)
-        stride_ids_s = tl.load(table_ptr + 6)
-        stride_mask_b = tl.load(table_ptr + 7)
-        stride_mask_s = tl.load(table_ptr + 8)
-        stride_types_b = tl.load(table_ptr + 9)
-        stride_types_s = tl.load(table_ptr + 10)
+        # The caller's tensors, shape and strides come from the table (`InputTable.fill`), not
+        # from the arguments, which only give the element types: a CUDA graph of this launch
+        # then serves every call of the bucket, whatever tensors it is given. The table lives in
+        # host memory: one vector load per warp brings all eleven values over the bus, where a
+        # scalar load each would be eleven requests per warp and program.
+        f = tl.arange(0, 16)
+        v = tl.load(table_ptr + f, mask=f < 11, other=0)
+        ids_ptr = _field(v, f, 0).to(tl.pointer_type(ids_ptr.dtype.element_ty))
+        mask_ptr = _field(v, f, 1).to(tl.pointer_type(mask_ptr.dtype.element_ty))
+        types_ptr = _field(v, f, 2).to(tl.pointer_type(types_ptr.dtype.element_ty))
+        B = _field(v, f, 3)
+        S = _field(v, f, 4)
+        stride_ids_b = _field(v, f, 5)
+        stride_ids_s = _field(v, f, 6)
+        stride_mask_b = _field(v, f, 7)
+        stride_mask_s = _field(v, f, 8)
+        stride_types_b = _field(v, f, 9)
+        stride_types_s = _field(v, f, 10)
     b = tl.program_id(0)
     cols = tl.arange(0, BLOCK_S)
     in_row = b < B
