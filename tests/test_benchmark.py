@@ -14,6 +14,13 @@ import torch
 
 from optimum_disc import benchmark
 from optimum_disc.commands import benchmark as command
+from optimum_disc.kernels import interpreted
+
+# optimum-disc peers on the CPU run their kernels on Triton's interpreter, which the package turns
+# on only where no GPU is found.
+cpu_kernels = pytest.mark.skipif(
+    not interpreted(), reason="the kernels run on the CPU only where no GPU is found"
+)
 
 TEXTS = [
     "the movie is good",
@@ -55,6 +62,7 @@ def _numbers(tree):
         yield tree
 
 
+@cpu_kernels
 def test_benchmark_on_cpu(tmp_path, tokenizer, capsys):
     out = tmp_path / "results"
     results = benchmark.run_benchmark(
@@ -299,6 +307,7 @@ def test_config_lists_and_dataset_batches():
     assert not (shape["input_ids"] == 1).any()
 
 
+@cpu_kernels
 def test_benchmark_over_two_configs(tmp_path, tokenizer):
     """A tiny BERT and a tiny RoBERTa in one run: both in the results, disc agrees with eager."""
     out = tmp_path / "results"
@@ -348,6 +357,7 @@ def test_benchmark_over_two_configs(tmp_path, tokenizer):
     assert "| tiny | texts pass |" not in table
 
 
+@cpu_kernels
 def test_a_refused_config_is_a_row_not_a_crash(tmp_path, monkeypatch):
     """A config optimum-disc refuses (UnsupportedGraph) or fails to compile gets rows with the
     error's first line; a refusal holds for the other precisions; the run goes on.
@@ -472,6 +482,7 @@ def test_floor_of_a_shape():
     assert g["tflop"] == pytest.approx((2 * dense * 8 + 4 * 34 * 16 * 2) / 1e12)
 
 
+@cpu_kernels
 def test_profile_table_in_the_markdown(tmp_path):
     results = benchmark.run_benchmark(
         benchmark.BenchmarkOptions(

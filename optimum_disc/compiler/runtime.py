@@ -213,6 +213,14 @@ class CompiledModel:
                 "0..seq_len-1 like the original model does when position_ids is None."
             )
         ids, mask, types = self._check_inputs(input_ids, attention_mask, token_type_ids)
+        if self.device.type == "cpu" and not _kernels_on_cpu():
+            raise RuntimeError(
+                "this compiled model is on the CPU, but on a machine with a CUDA GPU optimum-disc "
+                "compiles its kernels for the GPU: move it there (.to('cuda')). The kernels run "
+                "on the CPU only through Triton's interpreter (slow, for tests), which the "
+                "package turns on at import where no GPU is found, or where TRITON_INTERPRET=1 "
+                "is set before optimum_disc is imported."
+            )
         # All device work of a call, the copy of CPU inputs included, happens under the lock:
         # a CUDA-graph capture in progress must see no other work from this model's callers.
         with self._lock, torch.no_grad():
@@ -745,6 +753,14 @@ _TUNED: dict[str, dict] = {}
 
 
 @functools.cache
+def _kernels_on_cpu() -> bool:
+    """Whether this process can run the kernels on the CPU: Triton's interpreter is on (which
+    `optimum_disc` decides at import: on where no CUDA GPU is found)."""
+    from optimum_disc.kernels import interpreted
+
+    return interpreted()
+
+
 def _device_name(device: torch.device) -> str:
     if device.type != "cuda":
         return device.type

@@ -283,6 +283,21 @@ def test_bad_inputs_get_clear_errors_and_the_next_call_works(device, seed):
     _compare(compiled(**good), ref, good["attention_mask"], True, FP32_RTOL, seed)
 
 
+def test_a_cpu_model_where_kernels_are_compiled_for_the_gpu_says_so(monkeypatch):
+    """On a machine with a GPU the kernels are compiled, not interpreted, and a CPU tensor can
+    reach no kernel: a call on the CPU says what to do instead of failing inside Triton. The
+    model compiles and moves to the GPU as before."""
+    from optimum_disc.compiler import runtime
+
+    compiled = optimize(_model("seq-cls", "cpu"), precision="fp32")
+    monkeypatch.setattr(runtime, "_kernels_on_cpu", lambda: False)
+    with pytest.raises(RuntimeError, match=r"move it there \(\.to\('cuda'\)\)"):
+        compiled(**_inputs(2, 5, "cpu"))
+    monkeypatch.undo()
+    if runtime._kernels_on_cpu():  # a machine without a GPU: the call runs
+        assert compiled(**_inputs(2, 5, "cpu")).logits.shape[0] == 2
+
+
 def test_return_dict_false_gives_the_tuple(device):
     model = _model("base", device)
     compiled = optimize(model)
