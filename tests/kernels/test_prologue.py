@@ -132,11 +132,13 @@ def _table_calls(g, device, n):
     for i in range(n):
         batch = int(torch.randint(1, 9, (), generator=g))
         seq = int(torch.randint(1, 33, (), generator=g))
-        dtype = (torch.int64, torch.int32)[i % 2]
+        dtype = (torch.int64, torch.int32, torch.uint8)[i % 3]
         offset = i % 3
-        wide = torch.randint(-3, 60, (batch, seq + 5), generator=g).to(device, dtype)
+        low = 0 if dtype == torch.uint8 else -3
+        wide = torch.randint(low, 60, (batch, seq + 5), generator=g).to(device, dtype)
         ids = wide[:, offset : offset + seq]
-        mask = (torch.rand(batch, seq + 1, generator=g) > 0.3).to(device, dtype)[:, 1:]
+        mask_dtype = torch.bool if i % 5 == 1 else dtype
+        mask = (torch.rand(batch, seq + 1, generator=g) > 0.3).to(device, mask_dtype)[:, 1:]
         types = torch.randint(0, 2, (batch, seq), generator=g).to(device, dtype)
         yield i, ids, (mask if i % 3 else None), (types if i % 4 else None)
 
@@ -177,7 +179,7 @@ def test_graph_of_a_table_launch_serves_new_inputs(seed):
     stats = torch.zeros(8, dtype=torch.int64, pin_memory=True)
     kinds = {}
     for i, ids, mask, types in _table_calls(g, "cuda", 24):
-        kind = (ids.dtype, mask is None, types is None)
+        kind = (ids.dtype, None if mask is None else mask.dtype, types is None)
         if kind not in kinds:  # one graph per dtype and arguments given, as the runtime keeps
             prepare_inputs(ids, mask, types, buffers, 3, 50, 2, stats_out=stats, table=table)
             torch.cuda.synchronize()

@@ -160,8 +160,8 @@ def test_the_input_kernels_graph_serves_every_call_of_its_bucket(base_eager, see
     """From the second call of a bucket of input buffers and kind of inputs (dtypes, mask and
     segment ids given or not), the input kernel runs as a CUDA graph that reads each call's
     tensors from the pinned table: the results stay each call's own for fresh tensors at new
-    addresses, int32 and int64 ids, strided views, every padding style, shapes that share a
-    bucket, and after a call that the checks refused."""
+    addresses, int64, int32 and uint8 ids, bool masks, strided views, every padding style,
+    shapes that share a bucket, and after a call that the checks refused."""
     model, _ = base_eager
     compiled = optimize(model, DiscSettings(precision="fp32"))
     generator = torch.Generator().manual_seed(seed)
@@ -174,32 +174,43 @@ def test_the_input_kernels_graph_serves_every_call_of_its_bucket(base_eager, see
 
     kinds_seen = set()
     torch.cuda.CUDAGraph.replay = counting_replay
+    # (ids dtype, mask dtype, segment ids given); per kind, shapes of one bucket of input
+    # buffers (2 x 16) and one of another (3 x 16).
+    kinds = [
+        (torch.int64, torch.int64, True),
+        (torch.int32, torch.int32, False),
+        (torch.uint8, torch.bool, True),
+        (torch.int64, torch.bool, False),
+    ]
+    shapes = [(2, 16), (2, 13), (3, 16), (2, 9), (3, 11)]
     try:
-        for i in range(18):
-            batch, seq = ((2, 16), (2, 13), (3, 16))[i % 3]
-            padding = ("none", "right", "random")[i // 3 % 3]
-            full = random_inputs(generator, batch, seq, padding)
-            dtype = (torch.int64, torch.int32)[i // 9]
-            inputs = {}
-            for name, t in full.items():
-                if name == "token_type_ids" and i % 2:
-                    continue
-                wide = torch.zeros(batch, seq + 3, dtype=dtype, device=t.device)
-                wide[:, 1 : seq + 1] = t
-                inputs[name] = wide[:, 1 : seq + 1] if i % 4 == 0 else t.to(dtype)
-            want = eager(model, {k: v.long() for k, v in inputs.items()})
-            kind = (batch, 16, dtype, "token_type_ids" in inputs)
-            replays.clear()
-            out = compiled(**inputs)
-            compare(out, want, inputs["attention_mask"], True, f"call {i}, seed {seed}")
-            ran = [g for g in replays if any(g is x for x in compiled._input_graphs.values())]
-            assert len(ran) == (kind in kinds_seen), f"call {i}: {len(ran)} input graph replays"
-            kinds_seen.add(kind)
-            if i == 10:
-                bad = {k: v.clone() for k, v in inputs.items()}
-                bad["input_ids"][0, 0] = 10_000
-                with pytest.raises(ValueError, match="outside the vocabulary"):
-                    compiled(**bad)
+        i = 0
+        for dtype, mask_dtype, with_types in kinds:
+            for batch, seq in shapes:
+                padding = ("none", "right", "random")[i % 3]
+                full = random_inputs(generator, batch, seq, padding)
+                inputs = {}
+                for name, t in full.items():
+                    if name == "token_type_ids" and not with_types:
+                        continue
+                    to = mask_dtype if name == "attention_mask" else dtype
+                    wide = torch.zeros(batch, seq + 3, dtype=to, device=t.device)
+                    wide[:, 1 : seq + 1] = t
+                    inputs[name] = wide[:, 1 : seq + 1] if i % 2 else t.to(to)
+                want = eager(model, {k: v.long() for k, v in inputs.items()})
+                kind = (batch, dtype, mask_dtype, with_types)
+                replays.clear()
+                out = compiled(**inputs)
+                compare(out, want, inputs["attention_mask"], True, f"call {i}, seed {seed}")
+                ran = [g for g in replays if any(g is x for x in compiled._input_graphs.values())]
+                assert len(ran) == (kind in kinds_seen), f"call {i}: {len(ran)} input graph replays"
+                kinds_seen.add(kind)
+                if i == 8:
+                    bad = {k: v.clone() for k, v in inputs.items()}
+                    bad["input_ids"][0, 0] = 200
+                    with pytest.raises(ValueError, match="outside the vocabulary"):
+                        compiled(**bad)
+                i += 1
         assert len(compiled._input_graphs) == len(kinds_seen)
     finally:
         torch.cuda.CUDAGraph.replay = real_replay
