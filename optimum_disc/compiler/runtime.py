@@ -752,7 +752,6 @@ class CompiledModel:
 _TUNED: dict[str, dict] = {}
 
 
-@functools.cache
 def _kernels_on_cpu() -> bool:
     """Whether this process can run the kernels on the CPU: Triton's interpreter is on (which
     `optimum_disc` decides at import: on where no CUDA GPU is found)."""
@@ -761,6 +760,7 @@ def _kernels_on_cpu() -> bool:
     return interpreted()
 
 
+@functools.cache
 def _device_name(device: torch.device) -> str:
     if device.type != "cuda":
         return device.type
