@@ -168,6 +168,8 @@ class CompiledModel:
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
+        if self._table_in_flight:  # a call stopped before its wait: its kernel may read the table
+            torch.cuda.synchronize(self.device)
         self.device = device
         self._weights = {k: v.to(device) for k, v in self.program.weights.items()}
         self.program.weights = self._weights
