@@ -168,8 +168,7 @@ class CompiledModel:
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        if self._table_in_flight:  # a call stopped before its wait: its kernel may read the table
-            torch.cuda.synchronize(self.device)
+        self._wait_for_table()
         self.device = device
         self._weights = {k: v.to(device) for k, v in self.program.weights.items()}
         self.program.weights = self._weights
@@ -331,8 +330,8 @@ class CompiledModel:
             stats = self._host_statistics()
             stats = stats if stats is not None else inputs.stats
         else:
-            if tabled and self._table_in_flight:
-                torch.cuda.synchronize(self.device)
+            if tabled:
+                self._wait_for_table()
             stats = self._kernels.prologue.prepare_inputs(
                 ids,
                 mask,
@@ -391,11 +390,16 @@ class CompiledModel:
             self._table = self._kernels.prologue.InputTable(pin=True)
         return self._table
 
-    def _fill_table(self, ids, mask, types) -> None:
-        # The input kernel of the last call that used the table has finished unless that call
-        # stopped between its launch and its wait (an exception): wait for it then.
+    def _wait_for_table(self) -> None:
+        """Before the table is written again or dropped: the input kernel of the last call that
+        used it has finished, unless that call stopped between its launch and its wait (an
+        exception); wait for it then."""
         if self._table_in_flight:
             torch.cuda.synchronize(self.device)
+            self._table_in_flight = False
+
+    def _fill_table(self, ids, mask, types) -> None:
+        self._wait_for_table()
         self._input_table().fill(ids, mask, types)
         self._table_in_flight = True
 
@@ -403,9 +407,7 @@ class CompiledModel:
         """The CUDA graph of the input kernel for this bucket of input buffers and kind of
         inputs (dtypes, mask and segment ids given or not), launched once already (compiled)."""
         graph = torch.cuda.CUDAGraph()
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool=self._graph_pool(), capture_error_mode="thread_local"):
             self._kernels.prologue.prepare_inputs(
                 ids,
                 mask,
@@ -540,12 +542,10 @@ class CompiledModel:
         self._derive(static)
         self._execute(static)
         torch.cuda.synchronize(self.device)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         # thread_local: work that other threads of the process (other models, the caller's own
         # code) issue meanwhile does not invalidate this capture.
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool=self._graph_pool(), capture_error_mode="thread_local"):
             self._derive(static)
             outs = self._execute(static)
         entry = (static, outs, graph)
@@ -553,6 +553,12 @@ class CompiledModel:
         while len(self._graphs) > self.settings.max_cuda_graphs:
             self._graphs.popitem(last=False)
         return entry
+
+    def _graph_pool(self):
+        """The memory pool the model's CUDA graphs share (the buckets' and the input kernel's)."""
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        return self._pool
 
     def _warm_up(self, static) -> None:
         """Before the first run of a new shape bucket on a GPU: compile every kernel the run
