@@ -70,6 +70,27 @@ def test_the_table_of_shapes_is_bounded(base, monkeypatch):
         model._streaks = saved
 
 
+def test_an_input_table_left_in_flight_is_waited_for(base_eager, monkeypatch):
+    """A call that stopped between its input kernel's launch and its wait leaves the table in
+    flight: the next fill, and a move to another device (which drops the table), first wait
+    for the device it was launched on, once."""
+    model, _ = base_eager
+    compiled = optimize(model, DiscSettings(precision="fp32"))
+    waits = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waits.append(device))
+    before = compiled.device
+    compiled._wait_for_table()
+    assert waits == []
+    compiled._table_in_flight = True
+    compiled._wait_for_table()
+    compiled._wait_for_table()
+    assert waits == [before] and compiled._table_in_flight is False
+    compiled._table_in_flight = True
+    compiled.to(before)
+    assert waits == [before, before] and compiled._table_in_flight is False
+    assert compiled._table is None and compiled._input_graphs == {}
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_graphs_run_ahead_and_results_stay_the_calls_own(base_eager, seed):
