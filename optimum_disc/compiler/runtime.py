@@ -332,16 +332,8 @@ class CompiledModel:
         else:
             if tabled:
                 self._wait_for_table()
-            stats = self._kernels.prologue.prepare_inputs(
-                ids,
-                mask,
-                types,
-                inputs,
-                pad_id,
-                *self._table_sizes,
-                stats_out=self._host_statistics(),
-                table=self._input_table() if tabled else None,
-            )
+            table = self._input_table() if tabled else None
+            stats = self._launch_inputs(ids, mask, types, inputs, pad_id, table)
             self._table_in_flight = tabled
         # A shape whose last calls all took the same graph, one that computes every position of
         # its bucket, replays it before the statistics are back (see `_guess`).
@@ -408,17 +400,23 @@ class CompiledModel:
         inputs (dtypes, mask and segment ids given or not), launched once already (compiled)."""
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool(), capture_error_mode="thread_local"):
-            self._kernels.prologue.prepare_inputs(
-                ids,
-                mask,
-                types,
-                inputs,
-                pad_id,
-                *self._table_sizes,
-                stats_out=self._host_statistics(),
-                table=self._input_table(),
-            )
+            self._launch_inputs(ids, mask, types, inputs, pad_id, self._input_table())
         self._input_graphs[kind] = graph
+
+    def _launch_inputs(self, ids, mask, types, inputs, pad_id, table):
+        """The input kernel over this call's inputs into the bucket's buffers; its statistics,
+        on a GPU, into pinned host memory (`_host_statistics`). ``table``: the kernel reads the
+        inputs from that `prologue.InputTable` (None: from its arguments)."""
+        return self._kernels.prologue.prepare_inputs(
+            ids,
+            mask,
+            types,
+            inputs,
+            pad_id,
+            *self._table_sizes,
+            stats_out=self._host_statistics(),
+            table=table,
+        )
 
     def _pinned_statistics(self) -> torch.Tensor:
         """The pinned host buffer of the statistics and the event that says they are there

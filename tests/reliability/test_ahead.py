@@ -18,6 +18,20 @@ from optimum_disc.compiler import runtime
 from .helpers import compare, eager, random_inputs
 
 
+@pytest.fixture
+def replays(monkeypatch):
+    """Every CUDA graph replayed while the test runs, in order."""
+    replayed = []
+    real_replay = torch.cuda.CUDAGraph.replay
+
+    def counting_replay(graph):
+        replayed.append(graph)
+        return real_replay(graph)
+
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", counting_replay)
+    return replayed
+
+
 def _full(b_pad, s_pad):
     return (True, b_pad, s_pad, b_pad * s_pad)
 
@@ -93,16 +107,10 @@ def test_an_input_table_left_in_flight_is_waited_for(base_eager, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_graphs_run_ahead_and_results_stay_the_calls_own(base_eager, seed):
+def test_graphs_run_ahead_and_results_stay_the_calls_own(base_eager, seed, replays):
     model, _ = base_eager
     compiled = optimize(model, DiscSettings(precision="fp32"))
     generator = torch.Generator().manual_seed(seed)
-    replays = []
-    real_replay = torch.cuda.CUDAGraph.replay
-
-    def counting_replay(graph):
-        replays.append(graph)
-        return real_replay(graph)
 
     def call(inputs, expect_replays):
         replays.clear()
@@ -113,50 +121,46 @@ def test_graphs_run_ahead_and_results_stay_the_calls_own(base_eager, seed):
         assert len(ours) == expect_replays, (len(ours), expect_replays)
         return out
 
-    torch.cuda.CUDAGraph.replay = counting_replay
-    try:
-        full = [random_inputs(generator, 8, 32, "none") for _ in range(5)]
-        # Calls 1 and 2 of the shape read the statistics first; from call 3 on the graph runs
-        # ahead, once per call, on each call's own inputs.
-        for i, inputs in enumerate(full):
-            call(inputs, 1)
-            assert (compiled._guess(8, 32) is not None) == (i >= 1)
-        first = compiled(**full[0])
-        again = compiled(**full[0])
-        for field in first:
-            assert torch.equal(first[field], again[field]), field
-        # Same shape with padding: the guess is wrong, its run is discarded and the right graph
-        # replays in the same call (a capture on the first such call, then a replay).
-        # (64 real tokens of 256 positions: 64 rows.)
-        padded = random_inputs(generator, 8, 32, "none")
-        padded["attention_mask"][:, 8:] = 0
-        call(padded, 2)
-        assert compiled._streaks[(8, 32)] == (None, 0, 1)
-        call(full[1], 1)  # after a key with padding removed, no guess: one replay
-        call(full[2], 1)
-        call(full[3], 1)  # guessed again
-        assert compiled._guess(8, 32) is not None
-        # Ids outside the vocabulary: the graph ran ahead on clamped ids, the check refuses.
-        bad = dict(full[4])
-        bad["input_ids"] = bad["input_ids"].clone()
-        bad["input_ids"][1, 3] = 10_000
-        with pytest.raises(ValueError, match="outside the vocabulary"):
-            compiled(**bad)
-        bad["input_ids"][1, 3] = -7
-        with pytest.raises(ValueError, match="outside the vocabulary"):
-            compiled(**bad)
-        bad = dict(full[4])
-        bad["token_type_ids"] = bad["token_type_ids"].clone()
-        bad["token_type_ids"][0, 0] = 9
-        with pytest.raises(ValueError, match="token_type_ids holds 9"):
-            compiled(**bad)
-        torch.cuda.synchronize()
-        call(full[4], 1)
-        again = compiled(**full[0])
-        for field in first:
-            assert torch.equal(first[field], again[field]), field
-    finally:
-        torch.cuda.CUDAGraph.replay = real_replay
+    full = [random_inputs(generator, 8, 32, "none") for _ in range(5)]
+    # Calls 1 and 2 of the shape read the statistics first; from call 3 on the graph runs
+    # ahead, once per call, on each call's own inputs.
+    for i, inputs in enumerate(full):
+        call(inputs, 1)
+        assert (compiled._guess(8, 32) is not None) == (i >= 1)
+    first = compiled(**full[0])
+    again = compiled(**full[0])
+    for field in first:
+        assert torch.equal(first[field], again[field]), field
+    # Same shape with padding: the guess is wrong, its run is discarded and the right graph
+    # replays in the same call (a capture on the first such call, then a replay).
+    # (64 real tokens of 256 positions: 64 rows.)
+    padded = random_inputs(generator, 8, 32, "none")
+    padded["attention_mask"][:, 8:] = 0
+    call(padded, 2)
+    assert compiled._streaks[(8, 32)] == (None, 0, 1)
+    call(full[1], 1)  # after a key with padding removed, no guess: one replay
+    call(full[2], 1)
+    call(full[3], 1)  # guessed again
+    assert compiled._guess(8, 32) is not None
+    # Ids outside the vocabulary: the graph ran ahead on clamped ids, the check refuses.
+    bad = dict(full[4])
+    bad["input_ids"] = bad["input_ids"].clone()
+    bad["input_ids"][1, 3] = 10_000
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        compiled(**bad)
+    bad["input_ids"][1, 3] = -7
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        compiled(**bad)
+    bad = dict(full[4])
+    bad["token_type_ids"] = bad["token_type_ids"].clone()
+    bad["token_type_ids"][0, 0] = 9
+    with pytest.raises(ValueError, match="token_type_ids holds 9"):
+        compiled(**bad)
+    torch.cuda.synchronize()
+    call(full[4], 1)
+    again = compiled(**full[0])
+    for field in first:
+        assert torch.equal(first[field], again[field]), field
 
 
 @pytest.mark.gpu
@@ -177,7 +181,7 @@ def test_a_guessed_graph_that_was_evicted_is_not_run(base_eager, seed):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_the_input_kernels_graph_serves_every_call_of_its_bucket(base_eager, seed):
+def test_the_input_kernels_graph_serves_every_call_of_its_bucket(base_eager, seed, replays):
     """From the second call of a bucket of input buffers and kind of inputs (dtypes, mask and
     segment ids given or not), the input kernel runs as a CUDA graph that reads each call's
     tensors from the pinned table: the results stay each call's own for fresh tensors at new
@@ -186,15 +190,7 @@ def test_the_input_kernels_graph_serves_every_call_of_its_bucket(base_eager, see
     model, _ = base_eager
     compiled = optimize(model, DiscSettings(precision="fp32"))
     generator = torch.Generator().manual_seed(seed)
-    replays = []
-    real_replay = torch.cuda.CUDAGraph.replay
-
-    def counting_replay(graph):
-        replays.append(graph)
-        return real_replay(graph)
-
     kinds_seen = set()
-    torch.cuda.CUDAGraph.replay = counting_replay
     # (ids dtype, mask dtype, segment ids given); per kind, shapes of one bucket of input
     # buffers (2 x 16) and one of another (3 x 16).
     kinds = [
@@ -204,34 +200,31 @@ def test_the_input_kernels_graph_serves_every_call_of_its_bucket(base_eager, see
         (torch.int64, torch.bool, False),
     ]
     shapes = [(2, 16), (2, 13), (3, 16), (2, 9), (3, 11)]
-    try:
-        i = 0
-        for dtype, mask_dtype, with_types in kinds:
-            for batch, seq in shapes:
-                padding = ("none", "right", "random")[i % 3]
-                full = random_inputs(generator, batch, seq, padding)
-                inputs = {}
-                for name, t in full.items():
-                    if name == "token_type_ids" and not with_types:
-                        continue
-                    to = mask_dtype if name == "attention_mask" else dtype
-                    wide = torch.zeros(batch, seq + 3, dtype=to, device=t.device)
-                    wide[:, 1 : seq + 1] = t
-                    inputs[name] = wide[:, 1 : seq + 1] if i % 2 else t.to(to)
-                want = eager(model, {k: v.long() for k, v in inputs.items()})
-                kind = (batch, dtype, mask_dtype, with_types)
-                replays.clear()
-                out = compiled(**inputs)
-                compare(out, want, inputs["attention_mask"], True, f"call {i}, seed {seed}")
-                ran = [g for g in replays if any(g is x for x in compiled._input_graphs.values())]
-                assert len(ran) == (kind in kinds_seen), f"call {i}: {len(ran)} input graph replays"
-                kinds_seen.add(kind)
-                if i == 8:
-                    bad = {k: v.clone() for k, v in inputs.items()}
-                    bad["input_ids"][0, 0] = 200
-                    with pytest.raises(ValueError, match="outside the vocabulary"):
-                        compiled(**bad)
-                i += 1
-        assert len(compiled._input_graphs) == len(kinds_seen)
-    finally:
-        torch.cuda.CUDAGraph.replay = real_replay
+    i = 0
+    for dtype, mask_dtype, with_types in kinds:
+        for batch, seq in shapes:
+            padding = ("none", "right", "random")[i % 3]
+            full = random_inputs(generator, batch, seq, padding)
+            inputs = {}
+            for name, t in full.items():
+                if name == "token_type_ids" and not with_types:
+                    continue
+                to = mask_dtype if name == "attention_mask" else dtype
+                wide = torch.zeros(batch, seq + 3, dtype=to, device=t.device)
+                wide[:, 1 : seq + 1] = t
+                inputs[name] = wide[:, 1 : seq + 1] if i % 2 else t.to(to)
+            want = eager(model, {k: v.long() for k, v in inputs.items()})
+            kind = (batch, dtype, mask_dtype, with_types)
+            replays.clear()
+            out = compiled(**inputs)
+            compare(out, want, inputs["attention_mask"], True, f"call {i}, seed {seed}")
+            ran = [g for g in replays if any(g is x for x in compiled._input_graphs.values())]
+            assert len(ran) == (kind in kinds_seen), f"call {i}: {len(ran)} input graph replays"
+            kinds_seen.add(kind)
+            if i == 8:
+                bad = {k: v.clone() for k, v in inputs.items()}
+                bad["input_ids"][0, 0] = 200
+                with pytest.raises(ValueError, match="outside the vocabulary"):
+                    compiled(**bad)
+            i += 1
+    assert len(compiled._input_graphs) == len(kinds_seen)
