@@ -70,6 +70,40 @@ def _sweep(m, n, k, dtype):
     )
 
 
+def _sweep16(m, n, k, dtype):
+    """A grid for 16-bit inputs at few rows: block_m 16 to 128 (at most the row bucket),
+    block_n 16 to 128, block_k 64 to 256, 1 to 8 K slices; 4 warps, also 2 for small tiles and
+    8 for large ones; 4 pipeline stages, 3 at block_k 256."""
+    from optimum_disc.kernels import matmul
+
+    bucket = matmul.m_bucket(m)
+    found = []
+    for bm in sorted({min(b, bucket) for b in (16, 32, 64, 128)}):
+        for bn in (16, 32, 64, 128):
+            for bk in (64, 128, 256):
+                warps = [4]
+                if bm * bn <= 32 * 32:
+                    warps.append(2)
+                if bm * bn >= 64 * 128:
+                    warps.append(8)
+                for w in warps:
+                    for split in (1, 2, 4, 8):
+                        if k // split < bk:
+                            continue
+                        cfg = matmul.GemmConfig(
+                            block_m=bm,
+                            block_n=bn,
+                            block_k=bk,
+                            group_m=8,
+                            num_warps=w,
+                            num_stages=3 if bk == 256 else 4,
+                            split_k=split,
+                        )
+                        if cfg.smem_bytes(dtype) <= matmul._SMEM_BUDGET:
+                            found.append(cfg)
+    return found
+
+
 def _column(cfg) -> str:
     """The table column of a config: its backend, split-K apart from the plain Triton tiles."""
     return "triton, split-K" if cfg.backend == "triton" and cfg.split_k > 1 else cfg.backend
@@ -96,6 +130,12 @@ def main(argv=None) -> int:
         help="at up to 256 rows, also time a grid of tiles at block_m 32: block_n 16 to 128, "
         "block_k 16 to 64, 1 to 4 warps, 1 to 16 K slices",
     )
+    parser.add_argument(
+        "--sweep16",
+        action="store_true",
+        help="at up to 256 rows, also time a grid for 16-bit inputs: block_m 16 to 128, "
+        "block_n 16 to 128, block_k 64 to 256, 1 to 8 K slices (`_sweep16`)",
+    )
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -121,6 +161,8 @@ def main(argv=None) -> int:
                 candidates += [c for c in _wide(m, n, k, dtype) if c not in candidates]
             if args.sweep and matmul.m_bucket(m) <= 256:
                 candidates += [c for c in _sweep(m, n, k, dtype) if c not in candidates]
+            if args.sweep16 and matmul.m_bucket(m) <= 256:
+                candidates += [c for c in _sweep16(m, n, k, dtype) if c not in candidates]
             timed = matmul.time_candidates(m, n, k, dtype, device, act, res, candidates)
             # The TMA kernel again with its outputs stored per thread instead of by TMA.
             tma = [cfg for cfg, _ in timed if cfg.backend == "tma"]
