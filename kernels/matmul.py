@@ -254,30 +254,13 @@ def _finish(
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL,
     ACTIVATION,
-    ln_ptr,
-    lng_ptr,
-    lnb_ptr,
 ):
     # The epilogue's arithmetic, before the store (per thread in `_epilogue`, or by TMA).
-    # HAS_RESIDUAL == 2: the residual is LayerNorm(r) of the rows r_ptr holds, from the rows'
-    # mean and 1/std at ln_ptr ([M, 2] fp32) and the LayerNorm's weight and bias (lng_ptr,
-    # lnb_ptr), rounded to the output dtype as a LayerNorm kernel's output would be.
     acc = _bias_activation(acc, offs_n, N, b_ptr, HAS_BIAS, ACTIVATION)
     if HAS_RESIDUAL:
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         r_ptrs = r_ptr + offs_m.to(tl.int64)[:, None] * stride_rm + offs_n[None, :]
-        r = tl.load(r_ptrs, mask=mask, other=0.0)
-        if HAS_RESIDUAL == 2:
-            row_ok = offs_m < M
-            stat_ptrs = ln_ptr + offs_m.to(tl.int64) * 2
-            mean = tl.load(stat_ptrs, mask=row_ok, other=0.0)
-            rstd = tl.load(stat_ptrs + 1, mask=row_ok, other=0.0)
-            g = tl.load(lng_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-            b = tl.load(lnb_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-            h = (r.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :] + b[None, :]
-            acc += h.to(r.dtype).to(tl.float32)
-        else:
-            acc += r.to(tl.float32)
+        acc += tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
     return acc
 
 
@@ -296,26 +279,10 @@ def _epilogue(
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL,
     ACTIVATION,
-    ln_ptr,
-    lng_ptr,
-    lnb_ptr,
 ):
     # Bias, activation and residual on the fp32 accumulator, then one cast and one store.
     acc = _finish(
-        acc,
-        offs_m,
-        offs_n,
-        M,
-        N,
-        b_ptr,
-        r_ptr,
-        stride_rm,
-        HAS_BIAS,
-        HAS_RESIDUAL,
-        ACTIVATION,
-        ln_ptr,
-        lng_ptr,
-        lnb_ptr,
+        acc, offs_m, offs_n, M, N, b_ptr, r_ptr, stride_rm, HAS_BIAS, HAS_RESIDUAL, ACTIVATION
     )
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
@@ -354,11 +321,6 @@ def _linear_kernel(
     y_ptr,
     ws_ptr,
     cnt_ptr,
-    ln_ptr,
-    lng_ptr,
-    lnb_ptr,
-    lnc_ptr,
-    ln_eps,
     M,
     N,
     K,
@@ -385,7 +347,6 @@ def _linear_kernel(
     PF_LINES: tl.constexpr = 1,
     PF_STEP: tl.constexpr = 64,
     PDL_TRIGGER: tl.constexpr = True,
-    LN_FOLD: tl.constexpr = 0,
 ):
     # Programs walk the output in column-major super-blocks of GROUP_M row tiles, so the weight
     # tiles a wave of programs reads are shared through L2 instead of streamed once per row.
@@ -442,18 +403,6 @@ def _linear_kernel(
             _pdl.wait_only()  # the next kernel starts when this one has finished
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # LN_FOLD (1, or 2 to also store the rows' statistics): x holds rows y before a LayerNorm
-    # of weight g (lng_ptr), and the product is LayerNorm(y) @ W.T with LN's bias folded into
-    # the bias b' = b + W @ beta. Each program reads whole rows of y (K is the LayerNorm's
-    # width), so it sums them as they pass: d = y - p, p the row's first element (a pivot near
-    # the data, so the variance does not cancel), and multiplies (d * g) by W. Then
-    # LayerNorm(y) @ W.T = rstd * ((d * g) @ W.T - mean(d) * c) + b', with c = W @ g (lnc_ptr).
-    # SPLIT_K is 1: a program sees all of K.
-    if LN_FOLD:
-        pivot = tl.load(x_ptr + rows * stride_xm).to(tl.float32)
-        g_ptrs = lng_ptr + k_first * BLOCK_K + offs_k
-    s1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    s2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for kk in range(k_first, k_end):
         if EVEN_K:
             a = tl.load(x_ptrs)
@@ -462,17 +411,6 @@ def _linear_kernel(
             k_left = K - kk * BLOCK_K
             a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
             b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        if LN_FOLD:
-            if EVEN_K:
-                g = tl.load(g_ptrs).to(tl.float32)
-                d = a.to(tl.float32) - pivot[:, None]
-            else:
-                g = tl.load(g_ptrs, mask=offs_k < k_left, other=0.0).to(tl.float32)
-                d = tl.where(offs_k[None, :] < k_left, a.to(tl.float32) - pivot[:, None], 0.0)
-            s1 += tl.sum(d, axis=1)
-            s2 += tl.sum(d * d, axis=1)
-            a = (d * g[None, :]).to(a.dtype)
-            g_ptrs += BLOCK_K
         if UPCAST:
             # The interpreter multiplies bf16 as raw uint16; upcasting is exact, so the result
             # is what a bf16 tensor core with fp32 accumulation gives.
@@ -485,21 +423,8 @@ def _linear_kernel(
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
 
-    if LN_FOLD:
-        mean_d = s1 / K
-        var = tl.maximum(s2 / K - mean_d * mean_d, 0.0)
-        rstd = tl.rsqrt(var + ln_eps)
-        c = tl.load(lnc_ptr + offs_n, mask=offs_n < N, other=0.0)
-        acc = (acc - mean_d[:, None] * c[None, :]) * rstd[:, None]
-        if LN_FOLD == 2:  # noqa: SIM102 - a compile-time test, then a run-time one
-            if pid_n == 0:
-                row_ok = offs_m < M
-                stat_ptrs = ln_ptr + offs_m.to(tl.int64) * 2
-                tl.store(stat_ptrs, pivot + mean_d, mask=row_ok)
-                tl.store(stat_ptrs + 1, rstd, mask=row_ok)
-
     if ACTIVATION < 0:
-        has_residual = EPI_RESIDUAL
+        has_residual = EPI_RESIDUAL != 0
         activation = EPI_ACTIVATION
     else:
         has_residual = HAS_RESIDUAL
@@ -519,9 +444,6 @@ def _linear_kernel(
             HAS_BIAS,
             has_residual,
             activation,
-            ln_ptr,
-            lng_ptr,
-            lnb_ptr,
         )
     else:
         # "The last program of a tile finishes it": every program stores its fp32 partial in
@@ -568,9 +490,6 @@ def _linear_kernel(
                 HAS_BIAS,
                 has_residual,
                 activation,
-                ln_ptr,
-                lng_ptr,
-                lnb_ptr,
             )
 
 
@@ -660,9 +579,6 @@ def _linear_tma_kernel(
                 HAS_BIAS,
                 HAS_RESIDUAL,
                 ACTIVATION,
-                r_ptr,  # never read: HAS_RESIDUAL is a boolean here
-                r_ptr,
-                r_ptr,
             )
             y_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(y_desc.dtype))
         else:
@@ -680,9 +596,6 @@ def _linear_tma_kernel(
                 HAS_BIAS,
                 HAS_RESIDUAL,
                 ACTIVATION,
-                r_ptr,  # never read: HAS_RESIDUAL is a boolean here
-                r_ptr,
-                r_ptr,
             )
     if PDL and LET_NEXT_START_AT_END:
         _pdl.let_next_start()
@@ -838,8 +751,6 @@ def linear(
     residual: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     config: GemmConfig | None = None,
-    fold: FoldedNorm | None = None,
-    normed_residual: NormedResidual | None = None,
 ) -> torch.Tensor:
     """y = act(x @ weight.T + bias) + residual, accumulated in fp32, cast once to the output dtype.
 
@@ -858,24 +769,14 @@ def linear(
     >>> y = linear(x, w, torch.zeros(16), activation="relu", residual=torch.ones(5, 16))
     >>> y.shape, bool((y >= 1).all())
     (torch.Size([5, 16]), True)
-
-    ``fold`` (a `FoldedNorm`): the product is that of LayerNorm(x), x the rows before the
-    LayerNorm; ``normed_residual`` (a `NormedResidual`): the residual added is
-    LayerNorm(residual). Both run on the plain Triton kernel (another backend in ``config``
-    gives way to the default tiles), ``fold`` without split-K.
     """
     m, n, k = _validate(x, weight, bias, activation, residual, out)
-    _validate_norms(m, n, k, x, fold, normed_residual, residual)
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
     if config is None:
         config = default_config(m, n, k, x.dtype)
-    if (fold is not None or normed_residual is not None) and config.backend != "triton":
-        config = default_config(m, n, k, x.dtype)
-    if fold is not None and config.split_k != 1:
-        config = replace(config, split_k=1)
     if config.backend == "cublas":
         if _pdl.compiling_only():
             return out  # nothing to compile
@@ -913,23 +814,6 @@ def linear(
     if pdl["PDL"] and PREFETCH_WEIGHTS and bucket <= _PREFETCH_MAX_M:
         step = 128 // x.element_size()
         pdl.update(PREFETCH=True, PF_STEP=step, PF_LINES=max(config.block_k // step, 1))
-    if fold is not None:
-        ln_fold = 1 if fold.stats is None else 2
-        stats = fold.stats if fold.stats is not None else fold.colsum  # never written: LN_FOLD 1
-        ln_weight, ln_bias, colsum, eps = fold.weight, x, fold.colsum, float(fold.eps)
-    else:
-        ln_fold, stats, ln_weight, ln_bias, colsum, eps = 0, x, x, x, x, 0.0
-    epi_residual = int(residual is not None)
-    if normed_residual is not None:
-        # One kernel call may not both fold one LayerNorm and add another's output.
-        if fold is not None:
-            raise ValueError("fold and normed_residual cannot be given together")
-        epi_residual = 2
-        stats, ln_weight, ln_bias = (
-            normed_residual.stats,
-            normed_residual.weight,
-            normed_residual.bias,
-        )
     _pdl.launcher(_linear_kernel, grid)(
         x,
         weight,
@@ -938,11 +822,6 @@ def linear(
         out,
         workspace,
         counters,
-        stats,
-        ln_weight,
-        ln_bias,
-        colsum,
-        eps,
         m,
         n,
         k,
@@ -950,10 +829,10 @@ def linear(
         weight.stride(0),
         residual.stride(0) if residual is not None else 0,
         out.stride(0),
-        epi_residual,
+        int(residual is not None),
         _ACTIVATION_IDS[activation],
         HAS_BIAS=bias is not None,
-        HAS_RESIDUAL=-1 if runtime_epilogue else epi_residual,
+        HAS_RESIDUAL=-1 if runtime_epilogue else residual is not None,
         ACTIVATION=-1 if runtime_epilogue else _ACTIVATION_IDS[activation],
         IEEE=x.dtype == torch.float32 or upcast,
         UPCAST=upcast,
@@ -964,7 +843,6 @@ def linear(
         GROUP_M=config.group_m,
         SPLIT_K=config.split_k,
         F32_DOT=FP32_DOT if x.dtype == torch.float32 else "ieee",
-        LN_FOLD=ln_fold,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         **pdl,
@@ -1146,103 +1024,6 @@ def linear_reference(
     return y.to(out_dtype or x.dtype)
 
 
-@dataclass(frozen=True)
-class FoldedNorm:
-    """A LayerNorm folded into `linear`: x holds the rows y before ``LayerNorm(weight, bias,
-    eps)``, and the product is that of LayerNorm(y). Make it with `fold_layer_norm`.
-
-    ``colsum`` is the product's weight times the LayerNorm's weight, summed over K ([N], fp32),
-    and the product's bias must be `fold_layer_norm`'s (its own plus the weight times the
-    LayerNorm's bias). ``stats``, when given ([M, 2] fp32), receives each row's mean and 1/std,
-    for a later `NormedResidual` of the same rows.
-    """
-
-    weight: torch.Tensor
-    colsum: torch.Tensor
-    eps: float
-    stats: torch.Tensor | None = None
-
-
-@dataclass(frozen=True)
-class NormedResidual:
-    """The residual of `linear` is LayerNorm(residual), from its rows' statistics (``stats``,
-    [M, 2] fp32 mean and 1/std, as a `FoldedNorm` stored them) and the LayerNorm's ``weight``
-    and ``bias`` ([N]); it is rounded to the output dtype before the add, as a LayerNorm
-    kernel's output would be."""
-
-    stats: torch.Tensor
-    weight: torch.Tensor
-    bias: torch.Tensor
-
-
-def fold_layer_norm(
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    ln_weight: torch.Tensor,
-    ln_bias: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(colsum, bias') of `linear`(LayerNorm(y), weight, bias) computed from y: ``weight @
-    ln_weight`` and ``bias + weight @ ln_bias``, both [N] fp32.
-
-    >>> import torch
-    >>> c, b = fold_layer_norm(torch.ones(3, 4), None, torch.full((4,), 2.0), torch.ones(4))
-    >>> c.tolist(), b.tolist()
-    ([8.0, 8.0, 8.0], [4.0, 4.0, 4.0])
-    """
-    w = weight.float()
-    colsum = w @ ln_weight.float()
-    folded = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device)
-    if bias is not None:
-        folded += bias.float()
-    if ln_bias is not None:
-        folded += w @ ln_bias.float()
-    return colsum.contiguous(), folded
-
-
-def _check_vector(name: str, t, n: int, device, dtypes=_FLOAT_DTYPES) -> None:
-    if not isinstance(t, torch.Tensor) or tuple(t.shape) != (n,):
-        got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-        raise ValueError(f"{name} has shape {got}, expected ({n},)")
-    if t.dtype not in dtypes:
-        raise ValueError(f"{name} has dtype {t.dtype}; use one of {dtypes}")
-    if n > 1 and t.stride(0) != 1:
-        raise ValueError(f"{name} has stride {t.stride()}; call .contiguous() first")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device}, expected {device} like x")
-
-
-def _check_stats(name: str, t, m: int, device) -> None:
-    if not isinstance(t, torch.Tensor) or tuple(t.shape) != (m, 2):
-        got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-        raise ValueError(f"{name} has shape {got}, expected ({m}, 2): a mean and 1/std per row")
-    if t.dtype != torch.float32 or not t.is_contiguous():
-        raise ValueError(f"{name} must be a contiguous float32 tensor, got {t.dtype}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device}, expected {device} like x")
-
-
-def _validate_norms(m, n, k, x, fold, normed_residual, residual):
-    if fold is not None:
-        if not isinstance(fold, FoldedNorm):
-            raise ValueError(f"fold must be a FoldedNorm, got {type(fold).__name__}")
-        _check_vector("fold.weight", fold.weight, k, x.device)
-        _check_vector("fold.colsum", fold.colsum, n, x.device, (torch.float32,))
-        if isinstance(fold.eps, bool) or not isinstance(fold.eps, (int, float)) or fold.eps < 0:
-            raise ValueError(f"fold.eps={fold.eps!r}: use the LayerNorm's eps, a float >= 0")
-        if fold.stats is not None:
-            _check_stats("fold.stats", fold.stats, m, x.device)
-    if normed_residual is not None:
-        if not isinstance(normed_residual, NormedResidual):
-            raise ValueError(
-                f"normed_residual must be a NormedResidual, got {type(normed_residual).__name__}"
-            )
-        if residual is None:
-            raise ValueError("normed_residual needs the residual's rows: pass residual too")
-        _check_stats("normed_residual.stats", normed_residual.stats, m, x.device)
-        _check_vector("normed_residual.weight", normed_residual.weight, n, x.device)
-        _check_vector("normed_residual.bias", normed_residual.bias, n, x.device)
-
-
 # The cuBLAS backend (its tile fields are placeholders).
 CUBLAS = GemmConfig(16, 16, 16, 1, 4, 1, backend="cublas")
 
@@ -1359,9 +1140,6 @@ _CANDIDATES = {
         (32, 32, 128, 4, 4),
         (64, 32, 128, 4, 4),
         (64, 64, 128, 4, 3),
-        # The fastest tile of a 16-bit sweep (`scripts/gemm_bench.py --sweep16`, 113 to 252
-        # tiles per projection, H200) for QKV and FFN up at 32 rows: 9 to 10% under the list's.
-        (32, 32, 256, 4, 3),
     ),
     ("16bit", "large"): (
         (128, 256, 64, 8, 3),
@@ -1395,10 +1173,6 @@ _SPLIT_K_CANDIDATES = {
         (64, 32, 128, 4, 4, 2),
         (64, 32, 128, 4, 4, 4),
         (64, 64, 128, 4, 3, 4),
-        # The sweep's fastest for FFN down (K = 3072) at 32 and 128 rows: 7 to 9% under the
-        # list's best.
-        (32, 16, 256, 2, 3, 2),
-        (64, 32, 256, 4, 3, 2),
     ),
     "fp32": (
         (64, 32, 64, 4, 3, 4),

@@ -34,9 +34,6 @@ Levers:
   input_graphs   (not in the default list) the input kernel runs as a CUDA graph of its own that
                  reads each call's tensors from a pinned table (off: launched through Triton
                  every call)
-  fold_layer_norms
-                 (not in the default list) 16-bit programs at up to 256 rows run each LayerNorm
-                 inside the GEMMs that read its output (off: a LayerNorm kernel of its own)
   first_token_rows
                  (not in the default list) a model whose head pools the first token runs its
                  last layer after the attention's keys and values on that token only (off: on
@@ -78,7 +75,6 @@ MORE_LEVERS = (
     "ahead",
     "stats_to_host",
     "input_graphs",
-    "fold_layer_norms",
     "first_token_rows",
     "no_layernorm",
     "no_attention",
@@ -159,9 +155,6 @@ def lever_off(name: str):
         runtime._STATS_TO_HOST = False
     elif name == "input_graphs":
         runtime._INPUT_GRAPHS = False
-    elif name == "fold_layer_norms":
-        saved_fold = runtime.FOLD_LAYER_NORMS_MAX_ROWS
-        runtime.FOLD_LAYER_NORMS_MAX_ROWS = 0
     elif name == "first_token_rows":
         import optimum_disc.compiler as compiler
 
@@ -192,8 +185,6 @@ def lever_off(name: str):
             runtime._STATS_TO_HOST = True
         if name == "input_graphs":
             runtime._INPUT_GRAPHS = True
-        if name == "fold_layer_norms":
-            runtime.FOLD_LAYER_NORMS_MAX_ROWS = saved_fold
         if name in ("no_layernorm", "no_attention", "no_gelu"):
             runtime._LAUNCH.clear()
             runtime._LAUNCH.update(saved_launch)

@@ -55,12 +55,6 @@ _STATS_TO_HOST = True
 # tensors from a pinned table the host fills (`prologue.InputTable`): replaying it takes a few
 # microseconds of the host where a launch through Triton takes tens; False: launched each call.
 _INPUT_GRAPHS = True
-# LayerNorms folded into the GEMMs that read them (`CompiledModel._layer_norm_folds`) for
-# 16-bit programs at up to this many rows per call (the row bucket of the LayerNorm's rows):
-# there a LayerNorm kernel costs about as much as its launch, and each GEMM program reads whole
-# rows of its input anyway. Above it the GEMMs run on the TMA kernel or cuBLAS, which do not
-# fold. 0 turns folding off.
-FOLD_LAYER_NORMS_MAX_ROWS = 256
 
 
 def _row_bucket(real_tokens: int) -> int:
@@ -185,7 +179,6 @@ class CompiledModel:
         self._stats_host = self._stats_ready = None  # made again on the new device
         self._input_graphs.clear()
         self._table, self._table_in_flight = None, False
-        self.__dict__.pop("_fold_vectors", None)  # made again from the moved weights
         return self
 
     def __repr__(self) -> str:
@@ -615,130 +608,11 @@ class CompiledModel:
                 found.setdefault(key, gemm)
         return list(found.values())
 
-    # -- LayerNorms folded into GEMMs -------------------------------------------------------
-
-    @functools.cached_property
-    def _layer_norm_folds(self) -> dict[int, dict]:
-        """The LayerNorm calls that can run inside the GEMMs reading their output, by call index.
-
-        A LayerNorm ``h = LayerNorm(y)`` folds when every call reading ``h`` is a ``linear``
-        that reads it either as its input ``x`` (with a constant weight) or as its residual,
-        at least one reads it as ``x`` before any reads it as a residual, and ``h`` is no
-        output. Then no call writes ``h``: the first ``x`` reader computes the rows' mean and
-        1/std of ``y`` as its products pass over them (`matmul.FoldedNorm`) and stores them, the
-        other ``x`` readers compute them too, and each residual reader adds LayerNorm(y) from
-        those statistics (`matmul.NormedResidual`). Per fold: ``y``, ``h``, the LayerNorm's
-        ``weight``, ``bias`` and ``eps``, the ``x`` and ``residual`` readers (call indices) and
-        the ``stats`` buffer's name. One call folds at most one LayerNorm, in one role.
-        """
-        calls = self.program.calls
-        outputs = set(self.program.outputs.values())
-        readers: dict[str, list[int]] = {}
-        for j, call in enumerate(calls):
-            for ref in call.inputs.values():
-                if ref is not None and ":" not in ref:
-                    readers.setdefault(ref, []).append(j)
-        folds, taken = {}, set()
-        for i, call in enumerate(calls):
-            y, h = call.inputs.get("x"), call.output
-            if (
-                call.kernel != "layer_norm"
-                or call.inputs.get("residual") is not None
-                or y is None
-                or ":" in y
-                or not str(call.inputs.get("weight") or "").startswith("w:")
-                or h in outputs
-            ):
-                continue
-            xs, rs, ok = [], [], True
-            for j in sorted(set(readers.get(h, ()))):
-                reader = calls[j]
-                roles = [arg for arg, ref in reader.inputs.items() if ref == h]
-                if reader.kernel != "linear" or j in taken or roles not in (["x"], ["residual"]):
-                    ok = False
-                elif roles == ["x"] and str(reader.inputs.get("weight") or "").startswith("w:"):
-                    xs.append(j)
-                elif roles == ["residual"]:
-                    rs.append(j)
-                else:
-                    ok = False
-            if not ok or not xs or (rs and min(rs) < xs[0]):
-                continue
-            taken.update(xs + rs)
-            folds[i] = {
-                "y": y,
-                "h": h,
-                "weight": call.inputs["weight"],
-                "bias": call.inputs.get("bias"),
-                "eps": float(call.attrs["eps"]),
-                "x": xs,
-                "residual": rs,
-                "stats": f"{h}.stats",
-            }
-        return folds
-
-    def _folds_for(self, static) -> frozenset[int]:
-        """The LayerNorm calls folded in this shape bucket's run: none for fp32 programs, and
-        only those whose rows fit `FOLD_LAYER_NORMS_MAX_ROWS`."""
-        if self.program_dtype == torch.float32 or not FOLD_LAYER_NORMS_MAX_ROWS:
-            return frozenset()
-        b_pad, _, rows = static["shape"]
-        mm = self._kernels.matmul
-        found = []
-        for i, fold in self._layer_norm_folds.items():
-            layout = self.program.buffers[fold["h"]].layout
-            lead = rows if layout == "tokens" else b_pad
-            if mm.m_bucket(lead) <= FOLD_LAYER_NORMS_MAX_ROWS:
-                found.append(i)
-        return frozenset(found)
-
-    @functools.cached_property
-    def _fold_vectors(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """(colsum, bias') of each ``x`` reader of a foldable LayerNorm (`matmul.fold_layer_norm`),
-        by call index, made once from the weights (outside any graph capture: the first run of
-        a bucket is eager)."""
-        if self._kernels is None:
-            self._kernels = _Kernels()
-        vectors = {}
-        for fold in self._layer_norm_folds.values():
-            gamma = self._weights[fold["weight"][2:]]
-            beta = self._weights[fold["bias"][2:]] if fold["bias"] else None
-            for j in fold["x"]:
-                inputs = self.program.calls[j].inputs
-                weight = self._weights[inputs["weight"][2:]]
-                bias = self._weights[inputs["bias"][2:]] if inputs.get("bias") else None
-                vectors[j] = self._kernels.matmul.fold_layer_norm(weight, bias, gamma, beta)
-        return vectors
-
-    def _inputs_of(self, folds: frozenset[int]) -> list[dict[str, str | None] | None]:
-        """Per call, the buffers it reads when ``folds`` are folded (None: a folded LayerNorm,
-        which does not run); ``ln_stats`` names a fold's statistics buffer, which its first
-        ``x`` reader writes."""
-        result: list = [dict(c.inputs) for c in self.program.calls]
-        for i in folds:
-            fold = self._layer_norm_folds[i]
-            result[i] = None
-            for j in fold["x"]:
-                result[j]["x"] = fold["y"]
-            for j in fold["residual"]:
-                result[j]["residual"] = fold["y"]
-                result[j]["ln_stats"] = fold["stats"]
-            if fold["residual"]:
-                result[fold["x"][0]]["ln_stats"] = fold["stats"]
-        return result
-
     def _execute(self, static) -> dict[str, torch.Tensor]:
         """The program's kernel calls over the static inputs of one shape."""
         if self._kernels is None:
             self._kernels = _Kernels()
         b_pad, s_pad, rows = static["shape"]
-        folds = self._folds_for(static)
-        inputs_of = self._inputs_of(folds)
-        roles = {}
-        for i in folds:
-            fold = self._layer_norm_folds[i]
-            roles.update({j: ("x", fold) for j in fold["x"]})
-            roles.update({j: ("residual", fold) for j in fold["residual"]})
         env: dict[str, torch.Tensor] = {}
         values = {
             "input_ids": static["input_ids"],
@@ -759,11 +633,7 @@ class CompiledModel:
                 return values[ref[2:]]
             return env[ref]
 
-        mm = self._kernels.matmul
-        for i, (call, dead) in enumerate(zip(self.program.calls, self._dead_after(folds))):
-            refs = inputs_of[i]
-            if refs is None:  # a LayerNorm folded into its readers
-                continue
+        for call, dead in zip(self.program.calls, self._dead_after):
             buf = self.program.buffers[call.output]
             if call.kernel == "torch":
                 env[call.output] = self._run_torch(call, buf, get, b_pad, s_pad, rows)
@@ -772,55 +642,24 @@ class CompiledModel:
                 # A buffer of one value per row (shape []) runs as one column.
                 shape = buf.shape or [1]
                 out = torch.empty(lead, *shape, dtype=buf.torch_dtype, device=self.device)
-                args = {k: get(v) for k, v in refs.items() if k != "ln_stats"}
-                if i in roles:
-                    role, fold = roles[i]
-                    stats = refs.get("ln_stats")
-                    weight = self._weights[fold["weight"][2:]]
-                    if role == "x":
-                        if stats is not None and stats not in env:
-                            env[stats] = torch.empty(
-                                lead, 2, dtype=torch.float32, device=self.device
-                            )
-                        colsum, args["bias"] = self._fold_vectors[i]
-                        args["fold"] = mm.FoldedNorm(
-                            weight, colsum, fold["eps"], env[stats] if stats else None
-                        )
-                    else:
-                        bias = self._fold_bias(fold, weight)
-                        args["normed_residual"] = mm.NormedResidual(env[stats], weight, bias)
+                args = {k: get(v) for k, v in call.inputs.items()}
                 result = _LAUNCH[call.kernel](self, args, call.attrs, out, s_pad)
                 env[call.output] = result.view(lead, *buf.shape)
             for name in dead:
                 del env[name]
         return {field: env[buf] for field, buf in self.program.outputs.items()}
 
-    def _fold_bias(self, fold: dict, weight: torch.Tensor) -> torch.Tensor:
-        """The LayerNorm's bias, or zeros where it has none."""
-        if fold["bias"]:
-            return self._weights[fold["bias"][2:]]
-        zeros = self.__dict__.setdefault("_zero_bias", {})
-        key = (weight.shape[0], weight.dtype, weight.device)
-        if key not in zeros:
-            zeros[key] = torch.zeros_like(weight)
-        return zeros[key]
-
-    def _dead_after(self, folds: frozenset[int] = frozenset()) -> list[tuple[str, ...]]:
+    @functools.cached_property
+    def _dead_after(self) -> list[tuple[str, ...]]:
         """Per kernel call, the buffers that no later call reads and that are no output: freed
         right after it, so that the allocator (a CUDA graph's pool during a capture) gives their
         memory to later buffers of the same call instead of keeping every intermediate alive.
         Kernels run in stream order (a PDL kernel writes only after the kernel before it has
-        finished), so a later kernel never writes memory that an earlier one still reads.
-        With LayerNorms folded (``folds``), as the calls then read (`_inputs_of`)."""
-        cache = self.__dict__.setdefault("_dead_cache", {})
-        if folds in cache:
-            return cache[folds]
+        finished), so a later kernel never writes memory that an earlier one still reads."""
         last = {}
-        for i, (call, refs) in enumerate(zip(self.program.calls, self._inputs_of(folds))):
-            if refs is None:
-                continue
+        for i, call in enumerate(self.program.calls):
             last[call.output] = i
-            for ref in refs.values():
+            for ref in call.inputs.values():
                 if ref is not None and ":" not in ref:
                     last[ref] = i
         outputs = set(self.program.outputs.values())
@@ -828,8 +667,7 @@ class CompiledModel:
         for name, i in last.items():
             if name not in outputs:
                 dead[i].append(name)
-        cache[folds] = [tuple(d) for d in dead]
-        return cache[folds]
+        return [tuple(d) for d in dead]
 
     def _run_torch(self, call, buf, get, b_pad, s_pad, rows):
         """One ``torch`` call: row buffers in as padded ``[B, S, ...]`` views, and a result of
@@ -980,8 +818,6 @@ def _launch_linear(model, a, attrs, out, seq):
         residual=a["residual"],
         out=out,
         config=config,
-        fold=a.get("fold"),
-        normed_residual=a.get("normed_residual"),
     )
 
 

@@ -98,7 +98,7 @@ def test_intermediates_are_freed_after_their_last_read(device):
     program = compiled.program
     outputs = set(program.outputs.values())
     alive, freed, most = set(), set(), 0
-    for call, dead in zip(program.calls, compiled._dead_after(), strict=True):
+    for call, dead in zip(program.calls, compiled._dead_after, strict=True):
         reads = {r for r in call.inputs.values() if r is not None and ":" not in r}
         assert reads <= alive, f"{call.output} reads {sorted(reads - alive)}, already freed"
         alive.add(call.output)
