@@ -29,27 +29,33 @@ PROJECTIONS = (
 PEAK_TFLOPS = 750.0
 
 
-def _tiles(m, k, block_n, block_k, warps, splits):
-    """Every split-K tile of the grid, block_m 32 (or the row bucket, if smaller), 3 stages,
-    each K slice at least one K block long."""
+def _tiles(m, k, block_n, block_k, warps, splits, block_m=(32,), stages=lambda bk: 3):
+    """Every split-K tile of the grid, block_m cut to the row bucket, each K slice at least one
+    K block long; ``warps`` a tuple, or a function of (block_m, block_n) giving one, ``stages``
+    a function of block_k."""
     from optimum_disc.kernels import matmul
 
-    return [
-        matmul.GemmConfig(
-            block_m=min(32, matmul.m_bucket(m)),
-            block_n=bn,
-            block_k=bk,
-            group_m=8,
-            num_warps=w,
-            num_stages=3,
-            split_k=split,
-        )
-        for bn in block_n
-        for bk in block_k
-        for w in warps
-        for split in splits
-        if k // split >= bk
-    ]
+    bucket = matmul.m_bucket(m)
+    found = []
+    for bm in sorted({min(b, bucket) for b in block_m}):
+        for bn in block_n:
+            for bk in block_k:
+                for w in warps(bm, bn) if callable(warps) else warps:
+                    for split in splits:
+                        if k // split < bk:
+                            continue
+                        found.append(
+                            matmul.GemmConfig(
+                                block_m=bm,
+                                block_n=bn,
+                                block_k=bk,
+                                group_m=8,
+                                num_warps=w,
+                                num_stages=stages(bk),
+                                split_k=split,
+                            )
+                        )
+    return found
 
 
 def _wide(m, n, k, dtype):
@@ -73,35 +79,23 @@ def _sweep(m, n, k, dtype):
 def _sweep16(m, n, k, dtype):
     """A grid for 16-bit inputs at few rows: block_m 16 to 128 (at most the row bucket),
     block_n 16 to 128, block_k 64 to 256, 1 to 8 K slices; 4 warps, also 2 for small tiles and
-    8 for large ones; 4 pipeline stages, 3 at block_k 256."""
+    8 for large ones; 4 pipeline stages, 3 at block_k 256; those whose operand buffers fit."""
     from optimum_disc.kernels import matmul
 
-    bucket = matmul.m_bucket(m)
-    found = []
-    for bm in sorted({min(b, bucket) for b in (16, 32, 64, 128)}):
-        for bn in (16, 32, 64, 128):
-            for bk in (64, 128, 256):
-                warps = [4]
-                if bm * bn <= 32 * 32:
-                    warps.append(2)
-                if bm * bn >= 64 * 128:
-                    warps.append(8)
-                for w in warps:
-                    for split in (1, 2, 4, 8):
-                        if k // split < bk:
-                            continue
-                        cfg = matmul.GemmConfig(
-                            block_m=bm,
-                            block_n=bn,
-                            block_k=bk,
-                            group_m=8,
-                            num_warps=w,
-                            num_stages=3 if bk == 256 else 4,
-                            split_k=split,
-                        )
-                        if cfg.smem_bytes(dtype) <= matmul._SMEM_BUDGET:
-                            found.append(cfg)
-    return found
+    def warps(bm, bn):
+        return (4,) + ((2,) if bm * bn <= 32 * 32 else ()) + ((8,) if bm * bn >= 64 * 128 else ())
+
+    grid = _tiles(
+        m,
+        k,
+        block_n=(16, 32, 64, 128),
+        block_k=(64, 128, 256),
+        warps=warps,
+        splits=(1, 2, 4, 8),
+        block_m=(16, 32, 64, 128),
+        stages=lambda bk: 3 if bk == 256 else 4,
+    )
+    return [cfg for cfg in grid if cfg.smem_bytes(dtype) <= matmul._SMEM_BUDGET]
 
 
 def _column(cfg) -> str:
