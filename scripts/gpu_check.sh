@@ -8,7 +8,7 @@
 # Prints a short table last.
 #
 #   bash scripts/gpu_check.sh [install|tests|bench|full|archs|profile|host|levers|gemm|attention|
-#                              epilogue|
+#                              layernorm|epilogue|
 #                              timeline|tunetime|firstcalls|minilm|
 #                              quicktour|soak|all]
 #                             [options...]
@@ -32,6 +32,8 @@
 #        options go to it)
 # attention: the attention kernel alone, launch configurations side by side at BERT-base's
 #        shapes (scripts/attention_bench.py; options go to it)
+# layernorm: the LayerNorm kernel alone, warps per row side by side at BERT-base's width, and
+#        with --model-warps the model with each (scripts/layernorm_bench.py; options go to it)
 # epilogue: what the FFN up GEMM's GELU costs per kernel and tile
 #        (scripts/epilogue_cost.py; options go to it)
 # timeline: one call kernel by kernel, with and without the TMA GEMM at every row count, and
@@ -113,6 +115,10 @@ if [[ $mode == attention ]]; then
 fi
 if [[ $mode == gemm ]]; then
   python3 "$OLDPWD/scripts/gemm_bench.py" --output gemm.json "$@" || status=1
+fi
+if [[ $mode == layernorm ]]; then
+  python3 "$OLDPWD/scripts/layernorm_bench.py" --output layernorm.json ${tok[@]+"${tok[@]}"} "$@" \
+    || status=1
 fi
 if [[ $mode == epilogue ]]; then
   python3 "$OLDPWD/scripts/epilogue_cost.py" --output epilogue.json "$@" || status=1
