@@ -130,6 +130,17 @@ def main(argv=None) -> int:
         help="at up to 256 rows, also time a grid for 16-bit inputs: block_m 16 to 128, "
         "block_n 16 to 128, block_k 64 to 256, 1 to 8 K slices (`_sweep16`)",
     )
+    parser.add_argument(
+        "--hot",
+        action="store_true",
+        help="every launch over one weight, which stays in L2 (default: over enough copies that "
+        "each launch reads its weight from device memory, as in the model)",
+    )
+    parser.add_argument(
+        "--tma-prefetch",
+        action="store_true",
+        help="also time the TMA kernel without its L2 prefetch of the weight",
+    )
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -145,9 +156,9 @@ def main(argv=None) -> int:
     print(f"device {torch.cuda.get_device_name()} | {args.dtype} | ms per launch (TFLOP/s)")
     print(
         "| rows | projection | triton | triton, split-K | tma | tma, stores per thread | cublas "
-        "| best | floor |"
+        "| tma, no prefetch | best | floor |"
     )
-    print("|---:|---|---:|---:|---:|---:|---:|---|---:|")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---|---:|")
     for m in rows:
         for name, n, k, act, res in PROJECTIONS:
             candidates = matmul.tuning_candidates(m, n, k, dtype, device)
@@ -157,19 +168,31 @@ def main(argv=None) -> int:
                 candidates += [c for c in _sweep(m, n, k, dtype) if c not in candidates]
             if args.sweep16 and matmul.m_bucket(m) <= 256:
                 candidates += [c for c in _sweep16(m, n, k, dtype) if c not in candidates]
-            timed = matmul.time_candidates(m, n, k, dtype, device, act, res, candidates)
+            timed = matmul.time_candidates(m, n, k, dtype, device, act, res, candidates, args.hot)
             # The TMA kernel again with its outputs stored per thread instead of by TMA.
             tma = [cfg for cfg, _ in timed if cfg.backend == "tma"]
             plain_store = []
             if tma:
                 matmul.TMA_STORE = False
                 try:
-                    plain_store = matmul.time_candidates(m, n, k, dtype, device, act, res, tma)
+                    plain_store = matmul.time_candidates(
+                        m, n, k, dtype, device, act, res, tma, args.hot
+                    )
                 finally:
                     matmul.TMA_STORE = True
+            no_prefetch = []
+            if tma and args.tma_prefetch:
+                saved, matmul.TMA_PREFETCH = matmul.TMA_PREFETCH, False
+                try:
+                    no_prefetch = matmul.time_candidates(
+                        m, n, k, dtype, device, act, res, tma, args.hot
+                    )
+                finally:
+                    matmul.TMA_PREFETCH = saved
             best = {}
             labelled = [(cfg, _column(cfg), ms) for cfg, ms in timed]
             labelled += [(cfg, "tma, stores per thread", ms) for cfg, ms in plain_store]
+            labelled += [(cfg, "tma, no prefetch", ms) for cfg, ms in no_prefetch]
             for cfg, backend, ms in labelled:
                 if ms is not None and ms < best.get(backend, (None, float("inf")))[1]:
                     best[backend] = (cfg, ms)
@@ -191,6 +214,7 @@ def main(argv=None) -> int:
             print(
                 f"| {m} | {name} | {cell('triton')} | {cell('triton, split-K')} | {cell('tma')} "
                 f"| {cell('tma, stores per thread')} | {cell('cublas')} "
+                f"| {cell('tma, no prefetch')} "
                 f"| {label} | {floor_us:.1f} us |"
             )
             results.append(
@@ -203,6 +227,7 @@ def main(argv=None) -> int:
                     "tma_stores_per_thread": [
                         {"config": c.to_dict(), "ms": ms} for c, ms in plain_store
                     ],
+                    "tma_no_prefetch": [{"config": c.to_dict(), "ms": ms} for c, ms in no_prefetch],
                 }
             )
     if args.output:

@@ -8,7 +8,7 @@
 # Prints a short table last.
 #
 #   bash scripts/gpu_check.sh [install|tests|bench|full|archs|profile|host|levers|gemm|attention|
-#                              layernorm|epilogue|
+#                              layernorm|epilogue|ceiling|
 #                              timeline|tunetime|firstcalls|minilm|
 #                              quicktour|soak|all]
 #                             [options...]
@@ -17,8 +17,8 @@
 # tests: pytest on the GPU (kernels, compiler, Hugging Face integration); TESTS overrides which,
 #        options go to pytest (e.g. -k split_k); the whole output is kept in OUT/pytest.log, so a
 #        run cut short by a time limit still shows how far it got; in TEST_WORKERS processes
-#        (default 8) where pytest-xdist is installed (`pip download --no-deps -d .whl
-#        pytest-xdist execnet`), else in one
+#        (default 8, tests dealt out one by one) where pytest-xdist is installed (`pip download
+#        --no-deps -d .whl pytest-xdist execnet`), else in one
 # bench: our three precisions against eager PyTorch, every shape, and the dataset pass
 # full:  every peer, torch.compile included (slow: each peer compiles each shape)
 # archs: roberta-base, distilbert, deberta-v3-base and ModernBERT-base configurations beside
@@ -34,6 +34,8 @@
 #        shapes (scripts/attention_bench.py; options go to it)
 # layernorm: the LayerNorm kernel alone, warps per row side by side at BERT-base's width, and
 #        with --model-warps the model with each (scripts/layernorm_bench.py; options go to it)
+# ceiling: the card's fp16 matmul and copy ceilings, and cuBLAS's fp16 linear at BERT-base's
+#        projections (scripts/card_ceiling.py; options go to it)
 # epilogue: what the FFN up GEMM's GELU costs per kernel and tile
 #        (scripts/epilogue_cost.py; options go to it)
 # timeline: one call kernel by kernel, with and without the TMA GEMM at every row count, and
@@ -77,10 +79,12 @@ done
 if [[ $mode == tests || $mode == all ]]; then
   read -r -a targets <<<"${TESTS:-tests/kernels tests/compiler tests/hf/test_gpu.py}"
   # Most of a GPU test's time is Triton compiling on the CPU: with pytest-xdist (a wheel in
-  # WHEELS), TEST_WORKERS processes (default 8) share the GPU, one test file each at a time.
+  # WHEELS), TEST_WORKERS processes (default 8) share the GPU, the tests dealt out one by one
+  # (H200, 16 cores: the suite without the soak in 136 s; dealt out a file per process, where
+  # tests/kernels/test_matmul.py alone takes 195 s, it did not finish in 285 s).
   parallel=()
   if python3 -c "import xdist" 2>/dev/null && [[ ${TEST_WORKERS:-8} -gt 1 ]]; then
-    parallel=(-n "${TEST_WORKERS:-8}" --dist loadfile)
+    parallel=(-n "${TEST_WORKERS:-8}" --dist load)
   fi
   python3 -m pytest -p no:cacheprovider --import-mode=importlib -q --maxfail=10 --timeout=900 \
     "${parallel[@]}" --rootdir "$OLDPWD" "${targets[@]/#/$OLDPWD/}" "$@" 2>&1 |
@@ -119,6 +123,9 @@ fi
 if [[ $mode == layernorm ]]; then
   python3 "$OLDPWD/scripts/layernorm_bench.py" --output layernorm.json ${tok[@]+"${tok[@]}"} "$@" \
     || status=1
+fi
+if [[ $mode == ceiling ]]; then
+  python3 "$OLDPWD/scripts/card_ceiling.py" --output ceiling.json "$@" || status=1
 fi
 if [[ $mode == epilogue ]]; then
   python3 "$OLDPWD/scripts/epilogue_cost.py" --output epilogue.json "$@" || status=1

@@ -38,7 +38,7 @@ def _matmul():
     return matmul
 
 
-def _compile(matmul, arch, tile, residual, tma_store, dtype="fp16"):
+def _compile(matmul, arch, tile, residual, tma_store, dtype="fp16", prefetch=False):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -54,11 +54,13 @@ def _compile(matmul, arch, tile, residual, tma_store, dtype="fp16"):
         b_ptr=f"*{dtype}",
         r_ptr=f"*{dtype}",
         y_ptr=f"*{dtype}",
+        w_ptr=f"*{dtype}",
         M="i32",
         N="i32",
         K="i32",
         stride_rm="i32",
         stride_ym="i32",
+        stride_wn="i32",
     )
     constexprs = {
         "HAS_BIAS": True,
@@ -73,6 +75,9 @@ def _compile(matmul, arch, tile, residual, tma_store, dtype="fp16"):
         "TMA_STORE": tma_store,
         "PDL": True,
         "LET_NEXT_START_AT_END": True,
+        "PREFETCH": prefetch,
+        "PF_ELEMS": 64,
+        "PF_BLOCK": 256,
     }
     source = ASTSource(
         fn, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()}
@@ -104,6 +109,9 @@ def _ptxas_report(ptx: str, arch: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90")
+    parser.add_argument(
+        "--prefetch", action="store_true", help="with the L2 prefetch of the weight before the wait"
+    )
     parser.add_argument("--output", help="write the table here as JSON")
     args = parser.parse_args(argv)
     matmul = _matmul()
@@ -114,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     for tile in matmul._TMA_CANDIDATES:
         for residual in (True, False):
             for tma_store in (True, False):
-                compiled = _compile(matmul, args.arch, tile, residual, tma_store)
+                compiled = _compile(
+                    matmul, args.arch, tile, residual, tma_store, prefetch=args.prefetch
+                )
                 row = {
                     "tile": list(tile),
                     "epilogue": "bias + residual" if residual else "bias + GELU",

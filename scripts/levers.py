@@ -38,6 +38,8 @@ Levers:
                  (not in the default list) a model whose head pools the first token runs its
                  last layer after the attention's keys and values on that token only (off: on
                  every row)
+  tma_prefetch   (not in the default list) the persistent TMA GEMM brings its whole weight
+                 into L2 before it waits for the previous kernel
   baseline       every lever on, timed again (the spread between two timings of one code)
 
   A+B            levers A and B off together (e.g. pdl+cuda_graphs)
@@ -78,6 +80,7 @@ MORE_LEVERS = (
     "stats_to_host",
     "input_graphs",
     "first_token_rows",
+    "tma_prefetch",
     "no_layernorm",
     "no_attention",
     "no_gelu",
@@ -123,6 +126,9 @@ def _one_lever_off(name: str):
         saved = {"tuning_candidates": matmul.tuning_candidates}
         real = matmul.tuning_candidates
         matmul.tuning_candidates = lambda *a: [c for c in real(*a) if c.backend != name]
+    elif name == "tma_prefetch":
+        saved = {"TMA_PREFETCH": matmul.TMA_PREFETCH}
+        matmul.TMA_PREFETCH = False
     elif name == "prefetch":
         saved = {"PREFETCH_WEIGHTS": matmul.PREFETCH_WEIGHTS}
         matmul.PREFETCH_WEIGHTS = False
@@ -185,7 +191,7 @@ def _one_lever_off(name: str):
     elif name != "baseline":
         raise ValueError(f"unknown lever {name!r}; choose among {', '.join(LEVERS + MORE_LEVERS)}")
     matmul._default_config.cache_clear()
-    if name in ("split_k", "cublas", "tma", "autotune"):
+    if name in ("split_k", "cublas", "tma", "autotune", "tma_prefetch"):
         runtime._TUNED.clear()  # the tuner's choices of another variant must not be reused
     try:
         yield settings
@@ -210,7 +216,7 @@ def _one_lever_off(name: str):
         else:
             os.environ["OPTIMUM_DISC_PDL"] = env
         matmul._default_config.cache_clear()
-        if name in ("split_k", "cublas", "tma", "autotune"):
+        if name in ("split_k", "cublas", "tma", "autotune", "tma_prefetch"):
             runtime._TUNED.clear()
 
 
