@@ -1004,11 +1004,25 @@ def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
 
 def _linear_cublas(x, weight, bias, activation, residual, out):
     """The cuBLAS path: the product (with the bias in its epilogue) through torch, then the
-    activation and the residual as torch ops, written into ``out``."""
-    if bias is not None:
-        y = torch.addmm(bias.to(x.dtype), x, weight.t())
-    else:
-        y = x @ weight.t()
+    activation and the residual as torch ops, written into ``out``.
+
+    Where ``out`` can take the product itself (contiguous, of x's dtype, sharing no memory with
+    x or the residual), the product is written there and finished in place: the same torch
+    kernels and roundings, bit for bit, without a temporary per step and the copy of the last
+    one into ``out`` (at 16,384 rows of BERT-base in fp32, where the tuner takes cuBLAS for
+    every GEMM, about 0.9 GB less memory traffic a layer)."""
+    b = bias.to(x.dtype) if bias is not None else None
+    if _writes_in_place(x, residual, out):
+        if b is not None:
+            torch.addmm(b, x, weight.t(), out=out)
+        else:
+            torch.mm(x, weight.t(), out=out)
+        if activation is not None:
+            _TORCH_ACTIVATIONS_IN_PLACE[activation](out)
+        if residual is not None:
+            out.add_(residual)
+        return out
+    y = torch.addmm(b, x, weight.t()) if b is not None else x @ weight.t()
     if activation is not None:
         y = _TORCH_ACTIVATIONS[activation](y)
     if residual is not None:
@@ -1017,11 +1031,31 @@ def _linear_cublas(x, weight, bias, activation, residual, out):
     return out
 
 
+def _writes_in_place(x, residual, out) -> bool:
+    """Whether `_linear_cublas` may compute in ``out``: contiguous, of x's (and the residual's)
+    dtype, and in another allocation than x and the residual (``out`` may be the residual's own
+    buffer, which the product would overwrite before the add reads it)."""
+    if out.dtype != x.dtype or not out.is_contiguous():
+        return False
+    others = [x] if residual is None else [x, residual]
+    if residual is not None and residual.dtype != x.dtype:
+        return False
+    ptr = out.untyped_storage().data_ptr()
+    return all(t.untyped_storage().data_ptr() != ptr for t in others)
+
+
 _TORCH_ACTIVATIONS = {
     "gelu": torch.nn.functional.gelu,
     "gelu_tanh": lambda t: torch.nn.functional.gelu(t, approximate="tanh"),
     "tanh": torch.tanh,
     "relu": torch.relu,
+}
+# The same kernels, in place.
+_TORCH_ACTIVATIONS_IN_PLACE = {
+    "gelu": torch.ops.aten.gelu_,
+    "gelu_tanh": lambda t: torch.ops.aten.gelu_(t, approximate="tanh"),
+    "tanh": torch.tanh_,
+    "relu": torch.relu_,
 }
 
 

@@ -705,3 +705,56 @@ def test_cublas_backend_matches_reference(dtype, activation, device, seed):
     y = linear(x, w, b, activation=activation, residual=r, out=out, config=CUBLAS)
     ref = linear_reference(x, w, b, activation=activation, residual=r)
     _check(y, ref, seed, f"cublas {activation} {dtype}", CUBLAS_TOLERANCES)
+
+
+def _cublas_through_temporaries(x, w, b, activation, r):
+    """The cuBLAS backend's steps with a new tensor each, as torch computes them unfused."""
+    y = torch.addmm(b.to(x.dtype), x, w.t()) if b is not None else x @ w.t()
+    if activation is not None:
+        y = matmul._TORCH_ACTIVATIONS[activation](y)
+    return y + r if r is not None else y
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("bias, residual", [(True, True), (True, False), (False, True)])
+def test_cublas_backend_in_place_is_the_unfused_torch_result(
+    dtype, activation, bias, residual, device, seed
+):
+    """Written straight into ``out`` and finished there, the cuBLAS backend gives what torch's
+    ops give through temporaries: bit for bit on the CPU (the same kernels); on a GPU cuBLAS
+    may pick another algorithm for another output address, so there within the tolerances."""
+    m, n, k = 37, 96, 40
+    x, w, b, r = _inputs(m, n, k, dtype, device, bias=bias, residual=residual)
+    out = _poisoned(m, n, dtype, device)
+    y = linear(x, w, b, activation=activation, residual=r, out=out, config=CUBLAS)
+    assert y is out
+    expected = _cublas_through_temporaries(x, w, b, activation, r)
+    if torch.device(device).type == "cpu":
+        assert torch.equal(out, expected), f"seed={seed}: in place differs from unfused"
+    ref = linear_reference(x, w, b, activation=activation, residual=r)
+    _check(out, ref, seed, f"cublas in place {activation} {dtype}", CUBLAS_TOLERANCES)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ["out-is-residual", "out-strided", "out-other-dtype"])
+def test_cublas_backend_outputs_it_cannot_compute_in(dtype, case, device, seed):
+    """An ``out`` that is the residual's own buffer (the product would overwrite the residual
+    before the add reads it), a view with longer rows, or of another dtype than x goes through
+    temporaries, and is still right in every element."""
+    m, n, k = 21, 64, 48
+    x, w, b, r = _inputs(m, n, k, dtype, device, residual=True)
+    expected = _cublas_through_temporaries(x, w, b, "gelu", r)
+    if case == "out-is-residual":
+        out = r.clone()
+        y = linear(x, w, b, activation="gelu", residual=out, out=out, config=CUBLAS)
+    elif case == "out-strided":
+        out = torch.full((m, 2 * n), float("nan"), dtype=dtype, device=device)[:, :n]
+        y = linear(x, w, b, activation="gelu", residual=r, out=out, config=CUBLAS)
+    else:
+        other = torch.float32 if dtype != torch.float32 else torch.float16
+        out = _poisoned(m, n, other, device)
+        y = linear(x, w, b, activation="gelu", residual=r, out=out, config=CUBLAS)
+        expected = expected.to(other)
+    assert y is out
+    assert torch.equal(out, expected), f"{case}, seed={seed}: differs from unfused"
