@@ -11,15 +11,15 @@
   kernels do under PDL, then copies one value per program), one program or one per SM: the
   time a call spends per kernel of a kernel-per-operation program, whatever its kernels do.
 
-Each is a CUDA graph of back-to-back launches, replayed and timed with CUDA events; the median
-of several replays is reported. Operands stay in L2 where they fit, so these are upper bounds.
+Each is a CUDA graph of back-to-back launches, replayed and timed with CUDA events as the GEMM
+tuner times its candidates; the median of the replays is reported. Operands stay in L2 where
+they fit, so these are upper bounds.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 
 import torch
@@ -36,29 +36,16 @@ PROJECTIONS = (
 )
 
 
-def _time_us(fn, launches: int = 20, replays: int = 7) -> float:
-    """Microseconds per call of ``fn``, from a CUDA graph of ``launches`` calls."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+def _time_us(fn, launches: int = 20) -> float:
+    """Microseconds per call of ``fn``, from a CUDA graph of ``launches`` calls (the tuner's
+    timing, `matmul._time_in_graph`: the median of its replays)."""
+    from optimum_disc.kernels.matmul import _time_in_graph
+
+    def calls():
         for _ in range(launches):
             fn()
-    graph.replay()
-    times = []
-    for _ in range(replays):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / launches)
-    return statistics.median(times)
+
+    return _time_in_graph(calls, torch.device("cuda")) * 1000 / launches
 
 
 def _matmul_tflops(n: int, device: torch.device) -> float:
