@@ -1035,10 +1035,8 @@ def _writes_in_place(x, residual, out) -> bool:
     """Whether `_linear_cublas` may compute in ``out``: contiguous, of x's (and the residual's)
     dtype, and in another allocation than x and the residual (``out`` may be the residual's own
     buffer, which the product would overwrite before the add reads it)."""
-    if out.dtype != x.dtype or not out.is_contiguous():
-        return False
     others = [x] if residual is None else [x, residual]
-    if residual is not None and residual.dtype != x.dtype:
+    if not out.is_contiguous() or any(t.dtype != out.dtype for t in others):
         return False
     ptr = out.untyped_storage().data_ptr()
     return all(t.untyped_storage().data_ptr() != ptr for t in others)
