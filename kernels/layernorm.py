@@ -53,6 +53,7 @@ def _layer_norm_kernel(
     w_ptr,
     b_ptr,
     out_ptr,
+    M,
     N,
     stride_x,
     stride_res,
@@ -61,19 +62,49 @@ def _layer_norm_kernel(
     HAS_RESIDUAL: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    ROWS: tl.constexpr = 1,
     PDL: tl.constexpr = False,
 ):
     if PDL:
         _pdl.wait_for_previous()
-    # int64 so that row * stride cannot wrap for tensors past 2^31 elements.
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    if HAS_RESIDUAL:
-        x += tl.load(res_ptr + row * stride_res + cols, mask=mask, other=0.0).to(tl.float32)
-    y = _normalize_row(x, mask, cols, w_ptr, b_ptr, N, eps, HAS_BIAS)
-    tl.store(out_ptr + row * stride_out + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+    if ROWS == 1:
+        # int64 so that row * stride cannot wrap for tensors past 2^31 elements.
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK_N)
+        mask = cols < N
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            x += tl.load(res_ptr + row * stride_res + cols, mask=mask, other=0.0).to(tl.float32)
+        y = _normalize_row(x, mask, cols, w_ptr, b_ptr, N, eps, HAS_BIAS)
+        tl.store(out_ptr + row * stride_out + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        # ROWS rows per program, a [ROWS, BLOCK_N] block: with as many warps as rows each warp
+        # holds one row, so both reductions stay inside a warp (no shared memory, no barrier),
+        # and a large M takes ROWS times fewer programs.
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        mask = (rows < M)[:, None] & col_ok[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(
+            tl.float32
+        )
+        if HAS_RESIDUAL:
+            x += tl.load(
+                res_ptr + rows[:, None] * stride_res + cols[None, :], mask=mask, other=0.0
+            ).to(tl.float32)
+        mean = tl.sum(x, axis=1) / N
+        diff = tl.where(mask, x - mean[:, None], 0.0)
+        var = tl.sum(diff * diff, axis=1) / N
+        rstd = tl.rsqrt(var + eps)
+        w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        y = diff * rstd[:, None] * w[None, :]
+        if HAS_BIAS:
+            y += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(
+            out_ptr + rows[:, None] * stride_out + cols[None, :],
+            y.to(out_ptr.dtype.element_ty),
+            mask=mask,
+        )
 
 
 def row_launch_config(width: int) -> tuple[int, int]:
@@ -84,6 +115,24 @@ def row_launch_config(width: int) -> tuple[int, int]:
     # few enough to stay in registers.
     num_warps = min(max(block // 256, 1), 16)
     return block, num_warps
+
+
+# From this many rows, `layer_norm` gives each program `MULTI_ROW_ROWS` rows (a warp per row) where
+# the row fits a warp's registers (`MULTI_ROW_MAX_BLOCK`); below it one row per program, whose
+# launch needs only as many programs as rows. False: one row per program at every size.
+MULTI_ROW = True
+MULTI_ROW_MIN_M = 1024
+MULTI_ROW_ROWS = 4
+MULTI_ROW_MAX_BLOCK = 1024
+
+
+def launch_config(m: int, width: int) -> tuple[int, int, int]:
+    """(BLOCK_N, rows per program, num_warps) of the LayerNorm kernel for ``m`` rows of
+    ``width`` elements."""
+    block, num_warps = row_launch_config(width)
+    if MULTI_ROW and m >= MULTI_ROW_MIN_M and block <= MULTI_ROW_MAX_BLOCK:
+        return block, MULTI_ROW_ROWS, MULTI_ROW_ROWS
+    return block, 1, num_warps
 
 
 def _check_eps(eps) -> float:
@@ -157,14 +206,15 @@ def layer_norm(x, weight, bias, eps: float, *, residual=None, out=None) -> torch
     if M == 0:
         return out
 
-    block, num_warps = row_launch_config(N)
+    block, rows, num_warps = launch_config(M, N)
     res = residual if residual is not None else x
-    _pdl.launcher(_layer_norm_kernel, (M,))(
+    _pdl.launcher(_layer_norm_kernel, (triton.cdiv(M, rows),))(
         x,
         res,
         weight,
         bias if bias is not None else weight,
         out,
+        M,
         N,
         x.stride(0),
         res.stride(0),
@@ -173,6 +223,7 @@ def layer_norm(x, weight, bias, eps: float, *, residual=None, out=None) -> torch
         HAS_RESIDUAL=residual is not None,
         HAS_BIAS=bias is not None,
         BLOCK_N=block,
+        ROWS=rows,
         num_warps=num_warps,
         **_pdl.options(x.device),
     )

@@ -32,8 +32,9 @@
 #        options go to it)
 # attention: the attention kernel alone, launch configurations side by side at BERT-base's
 #        shapes (scripts/attention_bench.py; options go to it)
-# layernorm: the LayerNorm kernel alone, warps per row side by side at BERT-base's width, and
-#        with --model-warps the model with each (scripts/layernorm_bench.py; options go to it)
+# layernorm: the LayerNorm kernel alone, rows per program and warps side by side at BERT-base's
+#        width, and with --model-configs the model with each (scripts/layernorm_bench.py;
+#        options go to it)
 # ceiling: the card's fp16 matmul and copy ceilings, and cuBLAS's fp16 linear at BERT-base's
 #        projections (scripts/card_ceiling.py; options go to it)
 # epilogue: what the FFN up GEMM's GELU costs per kernel and tile

@@ -4,7 +4,7 @@ Runs ``optimum_disc.benchmark`` in this process for one peer (``--peer``, defaul
 BERT-base with the ``bert-base-multilingual-uncased`` configuration, random weights) once with
 every lever on and once per lever with that lever off (the GEMM configurations tuned for the
 baseline are kept for the levers that do not change the tuner: pdl, cuda_graphs,
-remove_padding, prefetch, fp32_gemm_pdl_*), then prints one
+remove_padding, prefetch, fp32_gemm_pdl_*, layernorm_rows), then prints one
 markdown table: latency per shape (and the data-set pass with ``--dataset``), each variant
 beside the baseline.
 
@@ -40,6 +40,8 @@ Levers:
                  every row)
   tma_prefetch   (not in the default list) the persistent TMA GEMM brings its whole weight
                  into L2 before it waits for the previous kernel
+  layernorm_rows (not in the default list) LayerNorms of many rows give each program several
+                 rows, a warp each (off: one row per program at every size)
   baseline       every lever on, timed again (the spread between two timings of one code)
 
   A+B            levers A and B off together (e.g. pdl+cuda_graphs)
@@ -81,6 +83,7 @@ MORE_LEVERS = (
     "input_graphs",
     "first_token_rows",
     "tma_prefetch",
+    "layernorm_rows",
     "no_layernorm",
     "no_attention",
     "no_gelu",
@@ -108,7 +111,7 @@ def _one_lever_off(name: str):
     import torch
 
     from optimum_disc.compiler import runtime
-    from optimum_disc.kernels import attention, matmul
+    from optimum_disc.kernels import attention, layernorm, matmul
 
     saved = {}
     settings = {}
@@ -129,6 +132,8 @@ def _one_lever_off(name: str):
     elif name == "tma_prefetch":
         saved = {"TMA_PREFETCH": matmul.TMA_PREFETCH}
         matmul.TMA_PREFETCH = False
+    elif name == "layernorm_rows":
+        layernorm.MULTI_ROW = False
     elif name == "prefetch":
         saved = {"PREFETCH_WEIGHTS": matmul.PREFETCH_WEIGHTS}
         matmul.PREFETCH_WEIGHTS = False
@@ -204,6 +209,8 @@ def _one_lever_off(name: str):
             runtime._AHEAD_AFTER = saved_ahead
         if name == "first_token_rows":
             compiler.PASSES = saved_passes
+        if name == "layernorm_rows":
+            layernorm.MULTI_ROW = True
         if name == "stats_to_host":
             runtime._STATS_TO_HOST = True
         if name == "input_graphs":

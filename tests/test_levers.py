@@ -54,6 +54,16 @@ def test_unknown_lever_is_refused(levers):
         pass
 
 
+def test_layernorm_rows_lever_launches_one_row_per_program_and_restores_it(levers):
+    from optimum_disc.kernels import layernorm
+
+    big = layernorm.MULTI_ROW_MIN_M
+    assert layernorm.launch_config(big, 768)[1] > 1
+    with levers.lever_off("layernorm_rows"):
+        assert layernorm.launch_config(big, 768)[1] == 1
+    assert layernorm.launch_config(big, 768)[1] > 1
+
+
 def test_ahead_lever_stops_graphs_running_ahead_and_restores_it(levers):
     before = runtime._AHEAD_AFTER
     with levers.lever_off("ahead"):

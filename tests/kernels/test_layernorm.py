@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from optimum_disc.kernels import layernorm
 from optimum_disc.kernels.layernorm import TOLERANCES, layer_norm, layer_norm_reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -38,6 +39,44 @@ def test_layer_norm(shape, dtype, with_residual, device, seed):
     assert got is out
     ref = layer_norm_reference(x, weight, bias, 1e-12, residual=residual)
     _assert_close(out, ref, dtype, seed)
+
+
+@pytest.mark.parametrize("rows_per_program", [2, 4, 8])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 768), (7, 48), (33, 384), (13, 1000)], ids=str)
+def test_layer_norm_rows_per_program(
+    shape, dtype, with_bias, rows_per_program, device, seed, monkeypatch
+):
+    """The several-rows-per-program path (taken from `MULTI_ROW_MIN_M` rows), forced at every
+    row count: rows past M in the last program (M not a multiple of the rows), masked columns,
+    row-strided views of x, residual and out."""
+    monkeypatch.setattr(layernorm, "MULTI_ROW_MIN_M", 0)
+    monkeypatch.setattr(layernorm, "MULTI_ROW_ROWS", rows_per_program)
+    M, N = shape
+    assert layernorm.launch_config(M, N)[1] == rows_per_program
+    x, residual, weight, bias = _inputs(M, N + 8, dtype, device)
+    x, residual = x[:, 8:], residual[:, :N]
+    weight, bias = weight[:N], bias[:N] if with_bias else None
+    out_buf = torch.full((M + 3, N + 4), float("nan"), dtype=dtype, device=device)
+    out = out_buf[:M, 4:]
+    layer_norm(x, weight, bias, 1e-12, residual=residual, out=out)
+    ref = layer_norm_reference(x, weight, bias, 1e-12, residual=residual)
+    _assert_close(out, ref, dtype, seed)
+    assert torch.isnan(out_buf[:, :4]).all() and torch.isnan(out_buf[M:]).all(), (
+        f"wrote outside the out view (seed={seed})"
+    )
+
+
+def test_layer_norm_launch_config():
+    """One row per program below `MULTI_ROW_MIN_M` rows, and where a row is wider than a warp
+    holds; several from there."""
+    big = layernorm.MULTI_ROW_MIN_M
+    assert layernorm.launch_config(big - 1, 768) == (1024, 1, 4)
+    if layernorm.MULTI_ROW:
+        rows = layernorm.MULTI_ROW_ROWS
+        assert layernorm.launch_config(big, 768) == (1024, rows, rows)
+    assert layernorm.launch_config(big, 4096)[1] == 1
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
