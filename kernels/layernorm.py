@@ -122,7 +122,7 @@ def row_launch_config(width: int) -> tuple[int, int]:
 # launch needs only as many programs as rows. False: one row per program at every size.
 MULTI_ROW = True
 MULTI_ROW_MIN_M = 1024
-MULTI_ROW_ROWS = 4
+MULTI_ROW_ROWS = 2
 MULTI_ROW_MAX_BLOCK = 1024
 
 
