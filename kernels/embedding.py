@@ -88,7 +88,7 @@ def _embed_layernorm_kernel(
         else:
             x += tl.load(tt_ptr + cols, mask=mask, other=0.0).to(tl.float32)
 
-    y = _normalize_row(x, mask, cols, w_ptr, b_ptr, H, eps, HAS_BIAS)
+    y = _normalize_row(x, mask, cols, mask, w_ptr, b_ptr, H, eps, HAS_BIAS)
     tl.store(out_ptr + i * stride_out + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 

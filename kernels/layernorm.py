@@ -32,17 +32,19 @@ MAX_WIDTH = 8192
 
 
 @triton.jit
-def _normalize_row(x, mask, cols, w_ptr, b_ptr, N, eps, HAS_BIAS: tl.constexpr):
-    """LayerNorm of one fp32 row held in registers; lanes outside ``mask`` must hold 0."""
-    mean = tl.sum(x, axis=0) / N
+def _normalize_row(x, mask, cols, col_ok, w_ptr, b_ptr, N, eps, HAS_BIAS: tl.constexpr):
+    """LayerNorm along the last axis of fp32 rows held in registers, one row ``[BLOCK_N]`` or
+    several ``[ROWS, BLOCK_N]``; lanes outside ``mask`` must hold 0, ``cols`` ([BLOCK_N]) are the
+    columns and ``col_ok`` those below N."""
+    mean = tl.sum(x, axis=-1, keep_dims=True) / N
     # Centred second pass: E[x^2] - mean^2 cancels badly when |mean| >> std.
     diff = tl.where(mask, x - mean, 0.0)
-    var = tl.sum(diff * diff, axis=0) / N
+    var = tl.sum(diff * diff, axis=-1, keep_dims=True) / N
     rstd = tl.rsqrt(var + eps)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     y = diff * rstd * w
     if HAS_BIAS:
-        y += tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        y += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     return y
 
 
@@ -75,7 +77,7 @@ def _layer_norm_kernel(
         x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_RESIDUAL:
             x += tl.load(res_ptr + row * stride_res + cols, mask=mask, other=0.0).to(tl.float32)
-        y = _normalize_row(x, mask, cols, w_ptr, b_ptr, N, eps, HAS_BIAS)
+        y = _normalize_row(x, mask, cols, mask, w_ptr, b_ptr, N, eps, HAS_BIAS)
         tl.store(out_ptr + row * stride_out + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         # ROWS rows per program, a [ROWS, BLOCK_N] block: with as many warps as rows each warp
@@ -92,14 +94,7 @@ def _layer_norm_kernel(
             x += tl.load(
                 res_ptr + rows[:, None] * stride_res + cols[None, :], mask=mask, other=0.0
             ).to(tl.float32)
-        mean = tl.sum(x, axis=1) / N
-        diff = tl.where(mask, x - mean[:, None], 0.0)
-        var = tl.sum(diff * diff, axis=1) / N
-        rstd = tl.rsqrt(var + eps)
-        w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        y = diff * rstd[:, None] * w[None, :]
-        if HAS_BIAS:
-            y += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        y = _normalize_row(x, mask, cols, col_ok, w_ptr, b_ptr, N, eps, HAS_BIAS)
         tl.store(
             out_ptr + rows[:, None] * stride_out + cols[None, :],
             y.to(out_ptr.dtype.element_ty),
